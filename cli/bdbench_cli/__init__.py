@@ -1,0 +1,1 @@
+"""The ``bdrun`` command line."""
