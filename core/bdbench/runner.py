@@ -30,7 +30,7 @@ from bdbench.nn import NormalizedModel, clone
 from bdbench.params import canonical_json, make_config
 from bdbench.plugins import PluginSet
 from bdbench.presets import get_preset
-from bdbench.results import write_row
+from bdbench.results import COLUMNS, write_row
 from bdbench.training import Recipe, fit, predict
 
 STANDARD_STAGE = ("acc", "asr", "ra")
@@ -348,6 +348,7 @@ class Runner:
     def _finish(self, row: dict[str, Any]) -> dict[str, Any]:
         row["finished_at"] = datetime.now(timezone.utc)
         row["peak_memory_mb"] = _peak_memory_mb(self.device)
-        row["path"] = str(write_row({k: v for k, v in row.items() if k != "path"}, self.out_dir,
-                                    self.plugins.snapshot()))
-        return row
+        full = {name: row.get(name) for name in COLUMNS}
+        full["path"] = str(write_row(full, self.out_dir, self.plugins.snapshot()))
+        row.update(full)
+        return full
