@@ -189,3 +189,58 @@ def test_structure_helpers_find_pairs_last_conv_and_feature_module():
     assert mask.pruned == [1, 2]
     mask.remove()
     assert torch.allclose(channel_activations(model, module, data, device=torch.device("cpu")), acts)
+
+
+def _linear_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+
+
+def test_pgd_stays_in_budget_and_box_and_raises_the_loss():
+    import torch.nn.functional as F
+
+    from bdbench.adversarial import pgd
+
+    model = _linear_model()
+    x = torch.rand(8, 1, 4, 4)
+    y = model(x).argmax(1)
+    xa = pgd(model, x, y, eps=0.1, step_size=0.02, steps=10, generator=torch.Generator().manual_seed(0))
+    assert (xa - x).abs().max() <= 0.1 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    assert F.cross_entropy(model(xa), y) > F.cross_entropy(model(x), y)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_universal_perturbation_is_shared_and_bounded():
+    import torch.nn.functional as F
+
+    from bdbench.adversarial import universal
+
+    model = _linear_model()
+    data = ImageSet(torch.randint(0, 256, (32, 1, 4, 4), dtype=torch.uint8), torch.zeros(32))
+    delta = universal(model, data, lambda m, x, y: F.cross_entropy(m(x), y), eps=0.2, lr=0.05, epochs=5,
+                      batch_size=8, device=torch.device("cpu"))
+    assert delta.shape == (1, 4, 4) and delta.abs().max() <= 0.2 + 1e-6 and delta.abs().max() > 0.05
+
+
+def test_minimal_perturbation_crosses_the_boundary_of_a_linear_classifier():
+    from bdbench.adversarial import minimal_perturbation
+
+    model = _linear_model()
+    x = torch.rand(6, 1, 4, 4) * 0.2 + 0.4
+    r, label = minimal_perturbation(model, x, overshoot=0.02)
+    flipped = model(x + r).argmax(1)
+    assert (label >= 0).all() and torch.equal(flipped, label) and (flipped != model(x).argmax(1)).all()
+    # DeepFool on a linear model is exact: a much smaller step does not flip
+    assert (model(x + 0.5 * r).argmax(1) == model(x).argmax(1)).all()
+
+
+def test_mixup_and_distillation_losses():
+    from bdbench.losses import attention_distillation, distillation_kl, mixup
+
+    x, y = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 3])
+    xm, ya, yb, lam = mixup(x, y, 1.0, torch.Generator().manual_seed(0))
+    assert 0 <= lam <= 1 and torch.equal(ya, y) and sorted(yb.tolist()) == [0, 1, 2, 3]
+    logits = torch.randn(4, 3)
+    assert distillation_kl(logits, logits, 4.0).abs() < 1e-6 and distillation_kl(logits, -logits, 4.0) > 0
+    f = torch.rand(2, 3, 4, 4)
+    assert attention_distillation(f, f) < 1e-6 and attention_distillation(f, torch.rand(2, 3, 4, 4)) > 0

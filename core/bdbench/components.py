@@ -275,13 +275,23 @@ class Defense(Component):
 
 @attrs.frozen(kw_only=True, eq=False)
 class Evaluation:
-    """Predictions of one model on the clean test set and on the backdoor test set."""
+    """Predictions of one model on the clean test set and on the backdoor test set.
+
+    Metrics that need more than predictions (e.g. boundary distances) also get the model, the
+    clean test set, the backdoor test set's clean images with the trigger function that turns
+    them into backdoor inputs ([0, 1] floats in and out), and the device.
+    """
 
     clean_pred: torch.Tensor
     clean_true: torch.Tensor
     bd_pred: torch.Tensor
     bd_true: torch.Tensor
     bd_target: torch.Tensor
+    model: Any = None
+    clean: ImageSet | None = None
+    bd_source: ImageSet | None = None
+    trigger: Callable[[torch.Tensor], torch.Tensor] | None = None
+    device: torch.device | None = None
 
 
 class Metric(Component):

@@ -8,8 +8,9 @@ order the forward pass calls them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -138,6 +139,19 @@ def last_conv(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[str,
     if not convs:
         raise BdbenchError(f"model {type(model).__name__} has no Conv2d layer")
     return convs[-1]
+
+
+@contextlib.contextmanager
+def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the latest output of each named module while the context is open (keeps the graph)."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, key=key: outputs.__setitem__(key, o))
+               for key, m in modules.items()]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def clone(model: nn.Module) -> nn.Module:

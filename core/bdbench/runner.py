@@ -226,11 +226,16 @@ class Runner:
 
     def evaluate(self, model: torch.nn.Module, attack: Attack, exp: Experiment) -> dict[str, float]:
         test, bd, bd_target = self.test_sets(exp, attack)
+
+        def trigger(x: torch.Tensor) -> torch.Tensor:
+            return attack.apply(x, None)
+
         ev = Evaluation(
             clean_pred=predict(model, test.images, device=self.device),
             clean_true=test.labels,
-            bd_pred=predict(model, bd.images, device=self.device, transform=lambda x: attack.apply(x, None)),
-            bd_true=bd.labels, bd_target=bd_target)
+            bd_pred=predict(model, bd.images, device=self.device, transform=trigger),
+            bd_true=bd.labels, bd_target=bd_target,
+            model=model, clean=test, bd_source=bd, trigger=trigger, device=self.device)
         out: dict[str, float] = {}
         for info in self.plugins.list("metric"):
             out.update(info.cls().compute(ev))
