@@ -64,6 +64,7 @@ class RunContext:
     cache_dir: Path | None = None
     reporter: Reporter = attrs.Factory(Reporter)
     batch_size: int = 128  # the preset's evaluation/training batch size, a hint for defenses
+    recipe: Any = None  # the preset's attacked-model training Recipe (training-control attacks use it)
     eval_batch_size: int = 512
 
     def generator(self, stream: str = "") -> torch.Generator:

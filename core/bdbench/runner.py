@@ -158,8 +158,9 @@ class Runner:
     def context(self, exp: Experiment) -> RunContext:
         info = self.plugins.create("dataset", exp.dataset).info()
         recipe = Recipe(**json.loads(exp.recipe))
+        recipe = attrs.evolve(recipe, hflip=recipe.hflip and info.hflip)
         return RunContext(dataset=info, device=self.device, seed=exp.seed, cache_dir=self.cache.root.parent,
-                          reporter=self.reporter, batch_size=recipe.batch_size)
+                          reporter=self.reporter, batch_size=recipe.batch_size, recipe=recipe)
 
     # -- the attacked model -----------------------------------------------------------------------
     def attack_key(self, exp: Experiment) -> str:
@@ -202,13 +203,11 @@ class Runner:
         if not cached:
             torch.manual_seed(exp.seed)
             model = self.build_model(exp, ctx)
-            recipe = Recipe(**json.loads(exp.recipe))
-            recipe = attrs.evolve(recipe, hflip=recipe.hflip and ctx.dataset.hflip)
             start = time.perf_counter()
             if attack.threat_model == "training-control":
                 attack.train(model, attack_train, poisoned_local, ctx)
             else:
-                fit(model, poisoned_local.merge(attack_train), recipe, ctx, description=f"training {exp.attack}")
+                fit(model, poisoned_local.merge(attack_train), ctx.recipe, ctx, description=f"training {exp.attack}")
             seconds = time.perf_counter() - start
             self.cache.save(key, model.state_dict(), {"attack_half": exp.attack_half(), "seconds": seconds})
         model.eval()
