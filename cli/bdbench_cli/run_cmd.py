@@ -70,7 +70,7 @@ def add_to(cli: click.Group) -> None:
     @click.option("--spc", type=int, default=None, help="Defender's clean samples per class [default: 100].")
     @click.option("--clean-ratio", type=float, default=None, help="Defender's budget as a fraction instead of --spc.")
     @click.option("--source", default="seen", show_default=True, help="Where the defender's data comes from.")
-    @click.option("--calibrate", default=None, help="Input calibration of the defender's data.")
+    @click.option("--calibrate", default=None, help="Calibrate the defender's data before the defense: gic.")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--param", "params", multiple=True, metavar="K=V", help="Defense parameter (repeatable).")
     @click.option("--attack-param", "attack_params", multiple=True, metavar="K=V", help="Attack parameter.")

@@ -46,10 +46,13 @@ def _step(grad: torch.Tensor, step_size: float, norm: Norm) -> torch.Tensor:
 
 
 def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: float, step_size: float, steps: int,
-            norm: Norm = "linf", random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+            norm: Norm = "linf", random_start: bool = True, generator: torch.Generator | None = None,
+            optimizer: Literal["sign", "adam"] = "sign") -> torch.Tensor:
     """delta within the ``eps`` ball maximising ``objective(model, x + delta)`` by projected ascent.
 
-    Parameters of ``model`` get no gradient; the model's mode (train/eval) is left as it is.
+    ``optimizer="sign"`` takes PGD steps of ``step_size`` (the sign of the gradient under L-inf);
+    ``"adam"`` takes Adam steps with learning rate ``step_size`` (GIC). Parameters of ``model``
+    get no gradient; the model's mode (train/eval) is left as it is.
     """
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -60,11 +63,21 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
             delta = _project(noise * eps, x, eps, norm)
         else:
             delta = torch.zeros_like(x)
-        for _ in range(steps):
+        if optimizer == "adam":
             delta.requires_grad_(True)
-            loss = objective(model, x + delta)
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = _project(delta.detach() + _step(grad, step_size, norm), x, eps, norm)
+            adam = torch.optim.Adam([delta], lr=step_size)
+            for _ in range(steps):
+                adam.zero_grad(set_to_none=True)
+                (-objective(model, x + delta)).backward()
+                adam.step()
+                with torch.no_grad():
+                    delta.copy_(_project(delta, x, eps, norm))
+        else:
+            for _ in range(steps):
+                delta.requires_grad_(True)
+                loss = objective(model, x + delta)
+                (grad,) = torch.autograd.grad(loss, delta)
+                delta = _project(delta.detach() + _step(grad, step_size, norm), x, eps, norm)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)

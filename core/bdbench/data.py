@@ -6,7 +6,10 @@ is the attack's training set. The defender's budget is drawn from an auxiliary *
 
 - ``seen``: clean, unpoisoned samples of the attack's training set (seed 002's oracle "seen" set);
 - ``reserved``: the held-out 5%;
-- ``brightness``: the reserved samples with a brightness shift never seen in training (seed 002).
+- ``brightness``, ``contrast``, ``blur``, ``noise``, ``rotation``: the reserved samples under a
+  shift never seen in training (seed 002's D_bright and the other shifts of its reference fork;
+  the seed does not state their sizes, so the sizes are ours and fixed, see each function);
+- ``external:PATH``: a folder of images in class sub-folders (names or label indices).
 
 A budget is ``spc`` samples per class (the survey's protocol: 2, 10, 100) or ``clean_ratio``,
 a fraction of the attack's training set size. When a defense uses validation data it gets 10%
@@ -16,12 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import attrs
+import numpy as np
 import torch
 
-from bdbench.components import ImageSet, to_float, to_uint8
-from bdbench.errors import ParameterError
+from bdbench.components import DatasetInfo, ImageSet, to_float, to_uint8
+from bdbench.errors import DataNotFoundError, ParameterError
 
 RESERVED_FRACTION = 0.05
 VAL_FRACTION = 0.1
@@ -110,13 +115,70 @@ def brightness(images: torch.Tensor, factor: float = 1.5) -> torch.Tensor:
     return to_uint8(to_float(images) * factor)
 
 
+def contrast(images: torch.Tensor, factor: float = 0.5) -> torch.Tensor:
+    """Contrast towards each image's mean grey level."""
+    x = to_float(images)
+    return to_uint8((x - x.mean(dim=(1, 2, 3), keepdim=True)) * factor + x.mean(dim=(1, 2, 3), keepdim=True))
+
+
+def blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Gaussian blur, kernel 2 * ceil(2 sigma) + 1."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    k = 2 * math.ceil(2 * sigma) + 1
+    return gaussian_blur(images, [k, k], [sigma, sigma])
+
+
+def noise(images: torch.Tensor, std: float = 0.05) -> torch.Tensor:
+    """Additive Gaussian noise (std in [0, 1] pixel units), from a fixed seed."""
+    g = torch.Generator().manual_seed(0)
+    return to_uint8(to_float(images) + std * torch.randn(images.shape, generator=g))
+
+
+def rotation(images: torch.Tensor, degrees: float = 15.0) -> torch.Tensor:
+    """Rotation by a fixed angle (corners filled with black)."""
+    from torchvision.transforms.functional import rotate
+
+    return rotate(images, degrees)
+
+
+def load_folder(path: Path, info: DatasetInfo) -> ImageSet:
+    """Images of ``path/<class>/*``, class folders named by class name or label index, resized
+    to the dataset's image shape (the ``external`` source)."""
+    from PIL import Image
+
+    if not path.is_dir():
+        raise DataNotFoundError(f"external source {path}: no such folder")
+    index = {name.lower(): i for i, name in enumerate(info.class_names)}
+    index.update({str(i): i for i in range(info.num_classes)})
+    c, h, w = info.image_shape
+    images, labels = [], []
+    for folder in sorted(p for p in path.iterdir() if p.is_dir()):
+        label = index.get(folder.name.lower())
+        if label is None:
+            raise DataNotFoundError(f"external source {path}: folder {folder.name!r} is not a class of {info.name} "
+                                    f"(use class names or indices 0..{info.num_classes - 1})")
+        for file in sorted(folder.iterdir()):
+            try:
+                with Image.open(file) as img:
+                    img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.Resampling.BILINEAR)
+                    images.append(torch.from_numpy(np.asarray(img).copy()).reshape(h, w, c).permute(2, 0, 1))
+            except OSError:
+                continue  # not an image
+            labels.append(label)
+    if not images:
+        raise DataNotFoundError(f"external source {path}: no readable images in class folders")
+    return ImageSet(torch.stack(images), torch.tensor(labels))
+
+
 @attrs.frozen(kw_only=True)
 class Source:
     """An auxiliary-data source: which pool to draw from and how to transform the draw."""
 
     name: str
-    pool: str  # "seen" (clean part of the attack's training set) or "reserved"
+    pool: str  # "seen" (clean part of the attack's training set), "reserved" or "external"
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    path: Path | None = None  # the external folder
     description: str = ""
 
 
@@ -124,30 +186,44 @@ SOURCES: dict[str, Source] = {
     "seen": Source(name="seen", pool="seen", description="clean samples of the attack's training set"),
     "reserved": Source(name="reserved", pool="reserved", description="the 5% of training data held out from attack training"),
     "brightness": Source(name="brightness", pool="reserved", transform=brightness,
-                         description="reserved samples with brightness x1.5 (seed 002)"),
+                         description="reserved samples, brightness x1.5 (seed 002)"),
+    "contrast": Source(name="contrast", pool="reserved", transform=contrast,
+                       description="reserved samples, contrast x0.5"),
+    "blur": Source(name="blur", pool="reserved", transform=blur, description="reserved samples, Gaussian blur sigma 1"),
+    "noise": Source(name="noise", pool="reserved", transform=noise,
+                    description="reserved samples, Gaussian noise std 0.05"),
+    "rotation": Source(name="rotation", pool="reserved", transform=rotation,
+                       description="reserved samples, rotated 15 degrees"),
 }
 
 
 def get_source(name: str) -> Source:
+    """A source by name; ``external:PATH`` is a folder of images in class sub-folders."""
+    if name.startswith("external:"):
+        return Source(name=name, pool="external", path=Path(name.split(":", 1)[1]).expanduser(),
+                      description="a folder of images mapped to the label space")
     if name not in SOURCES:
         import difflib
 
         close = difflib.get_close_matches(name, SOURCES, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f" (known: {', '.join(SOURCES)})"
+        hint = f"; did you mean {', '.join(close)}?" if close else f" (known: {', '.join(SOURCES)}, external:PATH)"
         raise ParameterError(f"unknown data source {name!r}{hint}")
     return SOURCES[name]
 
 
 def defender_data(full_train: ImageSet, split: Split, poisoned_mask: torch.Tensor, budget: Budget, source: Source,
-                  *, with_val: bool, generator: torch.Generator) -> tuple[ImageSet, ImageSet]:
+                  *, with_val: bool, generator: torch.Generator,
+                  info: DatasetInfo | None = None) -> tuple[ImageSet, ImageSet]:
     """The defender's (clean, val) sets from ``source``; ``poisoned_mask`` is over ``full_train``."""
-    if source.pool == "seen":
-        pool = split.train[~poisoned_mask[split.train]]
+    if source.pool == "external":
+        assert source.path is not None and info is not None
+        base = load_folder(source.path, info)
+        pool = torch.arange(len(base))
     else:
-        pool = split.reserved
-    tr, va = draw(full_train.labels, pool, budget, with_val=with_val, train_size=len(split.train), generator=generator)
-    clean, val = full_train.subset(tr), full_train.subset(va)
+        base = full_train
+        pool = split.train[~poisoned_mask[split.train]] if source.pool == "seen" else split.reserved
+    tr, va = draw(base.labels, pool, budget, with_val=with_val, train_size=len(split.train), generator=generator)
+    clean, val = base.subset(tr), base.subset(va)
     if source.transform is not None:
-        clean = ImageSet(source.transform(clean.images), clean.labels)
-        val = ImageSet(source.transform(val.images), val.labels)
+        clean, val = (ImageSet(source.transform(d.images), d.labels) if len(d) else d for d in (clean, val))
     return clean, val

@@ -23,6 +23,7 @@ import torch
 import bdbench
 from bdbench import data as bddata
 from bdbench.cache import TensorCache, default_cache_dir
+from bdbench.calibration import CALIBRATIONS
 from bdbench.components import Attack, Defense, DefenseData, Evaluation, ImageSet, Metric, PoisonedSet
 from bdbench.context import Reporter, RunContext
 from bdbench.errors import AttackFailedError, BdbenchError, CacheError, ParameterError
@@ -88,8 +89,8 @@ def plan(plugins: PluginSet, *, defense: str, preset: str = "quick", dataset: st
         raise ParameterError("give either --spc or --clean-ratio, not both")
     bddata.Budget(spc=spc, clean_ratio=clean_ratio)
     bddata.get_source(source)
-    if calibrate not in (None, "none"):
-        raise ParameterError(f"unknown calibration {calibrate!r} (known: none)")
+    if calibrate not in (None, "none", *CALIBRATIONS):
+        raise ParameterError(f"unknown calibration {calibrate!r} (known: none, {', '.join(CALIBRATIONS)})")
     mparams = dict(p.model_params) if model == p.model else {}
     mparams.update(model_params or {})
     return Experiment(
@@ -255,7 +256,9 @@ class Runner:
             clean, val = bddata.defender_data(
                 stage.full_train, stage.split, stage.poisoned.mask(len(stage.full_train)),
                 bddata.Budget(spc=exp.spc, clean_ratio=exp.clean_ratio), bddata.get_source(exp.source),
-                with_val=getattr(defense, "uses_validation", False), generator=ctx.generator("defender-data"))
+                with_val=defense.uses_validation, generator=ctx.generator("defender-data"), info=ctx.dataset)
+            if exp.calibrate is not None:
+                clean, val = self.calibrated(exp, stage, clean, val, defense.uses_validation)
             kwargs.update(clean=clean, val=val)
         if "poisoned_train_set" in needs:
             kwargs["poisoned_train"] = stage.poisoned.merge(stage.full_train).subset(stage.split.train)
@@ -264,6 +267,27 @@ class Runner:
         if "target_label" in needs:
             kwargs["target"] = exp.target
         return DefenseData(num_classes=num_classes, image_shape=shape, **kwargs)
+
+    def calibrated(self, exp: Experiment, stage: Stage, clean: ImageSet, val: ImageSet,
+                   with_val: bool) -> tuple[ImageSet, ImageSet]:
+        """The defender's data after ``exp.calibrate``, cached per victim model and auxiliary set."""
+        method = CALIBRATIONS[exp.calibrate]()
+        payload = canonical_json({"victim": self.attack_key(exp), "source": exp.source, "spc": exp.spc,
+                                  "clean_ratio": exp.clean_ratio, "seed": exp.seed, "with_val": with_val,
+                                  "method": exp.calibrate, "params": method})
+        key = hashlib.sha256(payload.encode()).hexdigest()[:32]
+        cache = TensorCache(self.cache.root.parent, "calibration")
+        if cache.has(key):
+            try:
+                t, _ = cache.load(key)
+                return ImageSet(t["clean"], t["clean_labels"]), ImageSet(t["val"], t["val_labels"])
+            except CacheError as exc:
+                print(f"bdrun: warning: {exc}; recomputing", file=sys.stderr)
+        clean = method.calibrate(stage.model, clean, self.device)
+        val = method.calibrate(stage.model, val, self.device)
+        cache.save(key, {"clean": clean.images, "clean_labels": clean.labels, "val": val.images,
+                         "val_labels": val.labels}, {"payload": payload})
+        return clean, val
 
     def run(self, exp: Experiment) -> dict[str, Any]:
         """Execute ``exp`` and write its row; returns the row.
