@@ -7,6 +7,7 @@ one line on stderr and exit with code 2.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,12 @@ def build_cli(plugins: Any = None) -> click.Group:
         """
         ctx.obj = State(plugins_dir, extra, strict_plugins or None, plugins)
 
-    from bdbench_cli import inspect_cmds, run_cmd, scaffold
+    from bdbench_cli import gallery, inspect_cmds, run_cmd, scaffold
 
     run_cmd.add_to(cli)
     inspect_cmds.add_to(cli)
     scaffold.add_to(cli)
+    gallery.add_to(cli)
     if plugins is not None:
         plugins.add_commands(cli)
     return cli
@@ -115,6 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("bdrun: interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # a bug, not bad input: one line unless BD_DEBUG asks for the traceback
+        if os.environ.get("BD_DEBUG"):
+            raise
+        click.echo(f"bdrun: internal error: {type(exc).__name__}: {exc} (BD_DEBUG=1 shows the traceback)", err=True)
+        sys.exit(1)
 
 
 def _preload(argv: list[str]):
