@@ -84,12 +84,14 @@ def build_cli(plugins: Any = None) -> click.Group:
         """
         ctx.obj = State(plugins_dir, extra, strict_plugins or None, plugins)
 
-    from bdbench_cli import gallery, inspect_cmds, run_cmd, scaffold
+    from bdbench_cli import gallery, grid_cmd, inspect_cmds, report_cmd, run_cmd, scaffold
 
     run_cmd.add_to(cli)
     inspect_cmds.add_to(cli)
     scaffold.add_to(cli)
     gallery.add_to(cli)
+    grid_cmd.add_to(cli)
+    report_cmd.add_to(cli)
     if plugins is not None:
         plugins.add_commands(cli)
     return cli
@@ -143,5 +145,7 @@ def _preload(argv: list[str]):
     return make_plugin_manager(plugins_dir=plugins_dir, extra=extra, strict=strict)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m bdbench_cli.main`: use the imported module's classes
+    from bdbench_cli.main import main as entry_point
+
+    entry_point()

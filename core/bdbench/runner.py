@@ -289,12 +289,13 @@ class Runner:
                          "val_labels": val.labels}, {"payload": payload})
         return clean, val
 
-    def run(self, exp: Experiment) -> dict[str, Any]:
+    def run(self, exp: Experiment, *, raise_errors: bool = True) -> dict[str, Any]:
         """Execute ``exp`` and write its row; returns the row.
 
-        Invalid input (:class:`BdbenchError` while loading data or preparing the attack) is
-        raised before anything is written. A failure after that is recorded as a row with
-        status ``failed`` and the error, then re-raised.
+        With ``raise_errors`` (single runs), invalid input (:class:`BdbenchError` while loading
+        data or preparing the attack) is raised before anything is written, and a failure after
+        that is recorded as a row with status ``failed``, then re-raised. Without it (grids),
+        every failure is a ``failed`` row and the run returns it.
         """
         started = datetime.now(timezone.utc)
         if self.device.type == "cuda":
@@ -302,11 +303,10 @@ class Runner:
         row = self._base_row(exp, started)
         try:
             stage = self.attacked(exp)
-        except BdbenchError:  # bad input (missing data, bad parameter): nothing is written
-            raise
         except Exception as exc:
-            self._fail(row, exc)
-            raise
+            if raise_errors and isinstance(exc, BdbenchError):  # bad input: nothing is written
+                raise
+            return self._fail(row, exc, raise_errors)
         row.update(attack_seconds=stage.seconds, attack_cached=stage.cached, poison_count=len(stage.poisoned),
                    **{f"{k}_before": stage.before.get(k) for k in STANDARD_STAGE})
         try:
@@ -334,16 +334,18 @@ class Runner:
         except AttackFailedError as exc:
             row.update(status="attack_failed", error=str(exc))
         except Exception as exc:
-            self._fail(row, exc)
-            raise
+            return self._fail(row, exc, raise_errors)
         return self._finish(row)
 
-    def _fail(self, row: dict[str, Any], exc: BaseException) -> None:
+    def _fail(self, row: dict[str, Any], exc: Exception, reraise: bool) -> dict[str, Any]:
         message = str(exc).splitlines()[0] if str(exc) else ""
         row.update(status="failed", error=f"{type(exc).__name__}: {message}")
-        self._finish(row)
+        full = self._finish(row)
         if not isinstance(exc, BdbenchError):
             traceback.print_exc(file=sys.stderr)
+        if reraise:
+            raise exc
+        return full
 
     def _check_attack(self, exp: Experiment, stage: Stage) -> None:
         preset = get_preset(exp.preset)

@@ -1,0 +1,204 @@
+"""Grids of experiments: expansion from a TOML file, resume, and executors.
+
+A grid file has one ``[grid]`` table whose keys are plural axis names holding lists; a key
+left out takes the single-run default. Per-method parameters are sub-tables::
+
+    [grid]
+    presets = ["quick"]
+    attacks = ["badnets", "blended"]
+    poison_ratios = [0.1]
+    defenses = ["ft", "fp"]
+    spc = [2, 10, 100]          # or clean_ratios = [0.05]
+    sources = ["seen"]
+    calibrate = ["none"]
+    seeds = [0, 1, 2]
+
+    [grid.defense_params.fp]
+    acc_ratio = 0.05
+
+The product is expanded and validated (every name and parameter, before anything runs),
+duplicates are dropped, and keys already present in the results with status ok are skipped.
+Runs are grouped by attacked model, so each is trained once and shared by its defenses.
+"""
+from __future__ import annotations
+
+import itertools
+import tomllib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from bdbench.errors import ParameterError
+from bdbench.plugins import PluginSet
+from bdbench.results import completed_keys
+from bdbench.runner import Experiment, plan
+
+AXES = {  # grid key -> plan() argument
+    "presets": "preset", "datasets": "dataset", "models": "model", "attacks": "attack",
+    "poison_ratios": "poison_ratio", "targets": "target", "defenses": "defense", "spc": "spc",
+    "clean_ratios": "clean_ratio", "sources": "source", "calibrate": "calibrate", "seeds": "seed",
+}
+PARAM_TABLES = ("attack_params", "defense_params", "model_params")
+
+
+@attrs.frozen
+class Grid:
+    experiments: tuple[Experiment, ...]  # unique, validated, in execution order
+    skipped: int  # already in the results with status ok
+    duplicates: int
+
+    def groups(self) -> list[list[Experiment]]:
+        """Runs that share an attacked model, in order."""
+        out: dict[str, list[Experiment]] = {}
+        for exp in self.experiments:
+            out.setdefault(_attack_id(exp), []).append(exp)
+        return list(out.values())
+
+
+def _attack_id(exp: Experiment) -> str:
+    import json
+
+    return json.dumps(exp.attack_half(), sort_keys=True)
+
+
+def load_spec(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ParameterError(f"grid file {path} not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ParameterError(f"grid file {path}: {exc}") from None
+    if "grid" not in spec or not isinstance(spec["grid"], dict):
+        raise ParameterError(f"grid file {path} has no [grid] table")
+    return spec["grid"]
+
+
+def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None = None) -> Grid:
+    """Validate and expand ``spec`` (the ``[grid]`` table) into experiments."""
+    unknown = set(spec) - set(AXES) - set(PARAM_TABLES)
+    if unknown:
+        raise ParameterError(f"grid: unknown key {sorted(unknown)[0]!r} (axes: {', '.join(AXES)}; "
+                             f"tables: {', '.join(PARAM_TABLES)})")
+    if "defenses" not in spec:
+        raise ParameterError("grid: 'defenses' is required")
+    axes = []
+    for key, arg in AXES.items():
+        values = spec.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values:
+            raise ParameterError(f"grid: {key!r} must be a non-empty list")
+        axes.append([(arg, v) for v in values])
+    if "clean_ratios" in spec and "spc" not in spec:
+        axes.append([("spc", None)])
+    tables = {t: spec.get(t, {}) for t in PARAM_TABLES}
+    seen: dict[str, Experiment] = {}
+    duplicates = 0
+    for combo in itertools.product(*axes):
+        kwargs = dict(combo)
+        if kwargs.get("calibrate") == "none":
+            kwargs["calibrate"] = None
+        kwargs["attack_params"] = tables["attack_params"].get(kwargs.get("attack", "badnets"), {})
+        kwargs["defense_params"] = tables["defense_params"].get(kwargs["defense"], {})
+        model = kwargs.get("model")
+        if model is not None:
+            kwargs["model_params"] = tables["model_params"].get(model, {})
+        exp = plan(plugins, **kwargs)
+        if exp.key() in seen:
+            duplicates += 1
+        seen[exp.key()] = exp
+    done = completed_keys(out_dir) if out_dir is not None else set()
+    todo = [e for k, e in seen.items() if k not in done]
+    todo.sort(key=_attack_id)  # runs sharing an attacked model run back to back
+    return Grid(tuple(todo), skipped=len(seen) - len(todo), duplicates=duplicates)
+
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def run_in_process(plugins: PluginSet, grid: Grid, runner_kwargs: dict[str, Any],
+                   on_row: Progress = lambda row: None) -> list[dict[str, Any]]:
+    """Run every experiment here, one after another; a failing run is a row and the grid goes on."""
+    from bdbench.runner import Runner
+
+    runner = Runner(plugins, **runner_kwargs)
+    rows = []
+    for exp in grid.experiments:
+        rows.append(runner.run(exp, raise_errors=False))
+        on_row(rows[-1])
+    return rows
+
+
+def run_group_task(group: list[Experiment], runner_kwargs: dict[str, Any], threads: int) -> list[dict[str, Any]]:
+    """One executor task: a fresh plugin set and runner in this process, one attacked model."""
+    import torch
+
+    from bdbench.plugins import make_plugin_manager
+    from bdbench.runner import Runner
+
+    torch.set_num_threads(threads)
+    runner = Runner(make_plugin_manager(), **runner_kwargs)
+    return [runner.run(exp, raise_errors=False) for exp in group]
+
+
+def run_ray(grid: Grid, runner_kwargs: dict[str, Any], *, address: str | None = None, num_cpus: int | None = None,
+            cpus_per_task: float = 1.0, gpus_per_task: float = 0.0, on_row: Progress = lambda row: None
+            ) -> list[dict[str, Any]]:
+    """Run each group of experiments as a Ray task (one attacked model per task).
+
+    The cache and results folders must be paths every worker sees (a shared file system on a
+    cluster). Each task asks for ``cpus_per_task`` CPUs (and ``gpus_per_task`` GPUs) and sets
+    torch's thread count to match.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise ParameterError("--executor ray needs Ray: pip install 'ray[default]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task)(run_group_task)
+        threads = max(1, int(cpus_per_task))
+        pending = {task.remote(g, runner_kwargs, threads): g for g in grid.groups()}
+        rows = []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                pending.pop(ref)
+                for row in ray.get(ref):
+                    rows.append(row)
+                    on_row(row)
+        return rows
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def estimate_seconds(grid: Grid, history: Iterable[dict[str, Any]]) -> float | None:
+    """Seconds the grid should take, from earlier rows of the same presets/defenses (None: no data)."""
+    train: dict[str, list[float]] = {}
+    defend: dict[tuple[str, str], list[float]] = {}
+    for row in history:
+        if row.get("status") != "ok":
+            continue
+        if row.get("attack_seconds") and not row.get("attack_cached"):
+            train.setdefault(row["preset"], []).append(row["attack_seconds"])
+        if row.get("defense_seconds") is not None:
+            defend.setdefault((row["preset"], row["defense"]), []).append(row["defense_seconds"])
+    total = 0.0
+    for group in grid.groups():
+        t = train.get(group[0].preset)
+        if not t:
+            return None
+        total += sum(t) / len(t)
+        for exp in group:
+            d = defend.get((exp.preset, exp.defense))
+            if not d:
+                return None
+            total += sum(d) / len(d)
+    return total

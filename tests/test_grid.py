@@ -1,0 +1,99 @@
+"""Grids: expansion, resume, kill-and-rerun safety, and Ray against the in-process executor."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from bdbench.errors import BdbenchError, ParameterError
+from bdbench.grid import expand, load_spec
+from bdbench.results import read_results
+
+SPEC = """
+[grid]
+presets = ["smoke"]
+attacks = ["badnets"]
+defenses = ["none", "ft"]
+spc = [10]
+seeds = [0, 1]
+
+[grid.defense_params.ft]
+epochs = 2
+"""
+
+
+def write(tmp_path: Path, text: str = SPEC) -> Path:
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    return path
+
+
+def test_expansion_validates_dedupes_and_groups(session_plugins, tmp_path):
+    spec = load_spec(write(tmp_path, SPEC.replace('seeds = [0, 1]', 'seeds = [0, 1, 1]')))
+    g = expand(session_plugins, spec)
+    assert len(g.experiments) == 4 and g.duplicates == 2
+    assert [len(group) for group in g.groups()] == [2, 2]  # one attacked model per seed
+    assert {e.defense_params for e in g.experiments if e.defense == "ft"} == {
+        e.defense_params for e in g.experiments if e.defense == "ft" and '"epochs":2' in e.defense_params}
+    with pytest.raises(ParameterError, match="unknown key 'defense'"):
+        expand(session_plugins, {"defense": ["ft"]})
+    with pytest.raises(BdbenchError, match="unknown defense .fq."):
+        expand(session_plugins, {"defenses": ["fq"]})
+    with pytest.raises(ParameterError, match="spc must be a positive integer"):
+        expand(session_plugins, {"defenses": ["ft"], "spc": [0]})
+    with pytest.raises(ParameterError, match="no \\[grid\\] table"):
+        load_spec(write(tmp_path, "[other]\nx = 1\n"))
+
+
+def bdrun_grid(spec: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "BD_STRICT_PLUGINS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bdbench_cli", "grid", str(spec), "--out", str(out),
+                             "--cache-dir", str(cache), "--device", "cpu", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.slow
+def test_killing_the_grid_loses_and_duplicates_nothing(tmp_path):
+    spec, out, cache = write(tmp_path), tmp_path / "results", tmp_path / "cache"
+    rng = random.Random(0)
+    for _ in range(3):  # kill at random points
+        proc = bdrun_grid(spec, out, cache)
+        time.sleep(rng.uniform(3, 12))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for f in out.rglob("*.parquet"):
+            assert pq.read_table(f).num_rows == 1  # every file readable, never partial
+    finished = bdrun_grid(spec, out, cache)
+    stdout, stderr = finished.communicate(timeout=600)
+    assert finished.returncode == 0, stderr[-2000:]
+    table = read_results(out)
+    keys = table.column("run_key").to_pylist()
+    assert len(keys) == 4 and len(set(keys)) == 4
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    again = bdrun_grid(spec, out, cache, "--dry-run")
+    assert "0 runs to do" in again.communicate(timeout=120)[0]
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_the_in_process_run(session_plugins, tmp_path):
+    pytest.importorskip("ray")
+    from bdbench.context import Reporter
+    from bdbench.grid import run_in_process, run_ray
+
+    g = expand(session_plugins, load_spec(write(tmp_path)))
+    common = dict(cache_dir=tmp_path / "cache", device="cpu", reporter=Reporter(enabled=False))
+    here = {r["run_key"]: r for r in run_in_process(session_plugins, g, dict(out_dir=tmp_path / "a", **common))}
+    there = {r["run_key"]: r for r in run_ray(g, dict(out_dir=tmp_path / "b", **common), num_cpus=2)}
+    assert here.keys() == there.keys()
+    for key, row in here.items():
+        assert there[key]["status"] == row["status"] == "ok"
+        for col in ("acc_before", "asr_before", "acc_after", "asr_after"):
+            assert there[key][col] == pytest.approx(row[col], abs=0.02), col
+    assert read_results(tmp_path / "b").num_rows == 4
