@@ -65,6 +65,9 @@ class RunContext:
     reporter: Reporter = attrs.Factory(Reporter)
     batch_size: int = 128  # the preset's evaluation/training batch size, a hint for defenses
     recipe: Any = None  # the preset's attacked-model training Recipe (training-control attacks use it)
+    model_factory: Any = None  # () -> a fresh, untrained model of the run's architecture
+    poison_ratio: float | None = None  # the run's poisoning ratio and target (attacks' train() reads them)
+    target: int | None = None
     eval_batch_size: int = 512
 
     def generator(self, stream: str = "") -> torch.Generator:

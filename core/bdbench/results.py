@@ -56,7 +56,8 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("lcr", pa.float64(), "label correction rate: backdoor samples classified as their true label after defense"),
     ("extra_metrics", pa.string(), "metrics of other metric plugins, canonical JSON"),
     ("defense_diagnostics", pa.string(), "what the defense reports (pruned units, detection), canonical JSON"),
-    ("attack_seconds", pa.float64(), "seconds to train the attacked model (0 on a cache hit)"),
+    ("attack_seconds", pa.float64(), "seconds to build the attack's resources, poison and train the attacked model "
+     "(no training on a cache hit; 0 when an earlier run of the same process prepared it)"),
     ("attack_cached", pa.bool_(), "the attacked model came from the cache"),
     ("defense_seconds", pa.float64(), "seconds the defense ran"),
     ("peak_memory_mb", pa.float64(), "peak resident memory of the process (CPU) or peak CUDA memory, MiB"),

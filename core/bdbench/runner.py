@@ -160,8 +160,11 @@ class Runner:
         info = self.plugins.create("dataset", exp.dataset).info()
         recipe = Recipe(**json.loads(exp.recipe))
         recipe = attrs.evolve(recipe, hflip=recipe.hflip and info.hflip)
-        return RunContext(dataset=info, device=self.device, seed=exp.seed, cache_dir=self.cache.root.parent,
-                          reporter=self.reporter, batch_size=recipe.batch_size, recipe=recipe)
+        ctx = RunContext(dataset=info, device=self.device, seed=exp.seed, cache_dir=self.cache.root.parent,
+                         reporter=self.reporter, batch_size=recipe.batch_size, recipe=recipe,
+                         poison_ratio=exp.poison_ratio, target=exp.target)
+        ctx.model_factory = lambda: self.build_model(exp, ctx)
+        return ctx
 
     # -- the attacked model -----------------------------------------------------------------------
     def attack_key(self, exp: Experiment) -> str:
@@ -185,13 +188,14 @@ class Runner:
         attack_train = train.subset(split.train)
         attack: Attack = self.plugins.get("attack", exp.attack).cls(
             make_config(self.plugins.get("attack", exp.attack).cls.Config, json.loads(exp.attack_params)))
+        start = time.perf_counter()  # resources, poisoning and training all count as the attack's time
         attack.prepare(ctx.dataset, attack_train, ctx)
         poisoned_local = attack.poison(attack_train, exp.poison_ratio, exp.target, ctx.dataset.num_classes,
                                        ctx.generator("poison"))
         # indices of the poisoned samples in `train` (the defender's pools are drawn from it)
         poisoned = PoisonedSet(split.train[poisoned_local.indices], poisoned_local.images, poisoned_local.labels)
         model = self.build_model(exp, ctx)
-        cached, seconds = False, 0.0
+        cached = False
         if self.cache.has(key):
             try:
                 state, _ = self.cache.load(key)
@@ -204,13 +208,13 @@ class Runner:
         if not cached:
             torch.manual_seed(exp.seed)
             model = self.build_model(exp, ctx)
-            start = time.perf_counter()
             if attack.threat_model == "training-control":
                 attack.train(model, attack_train, poisoned_local, ctx)
             else:
                 fit(model, poisoned_local.merge(attack_train), ctx.recipe, ctx, description=f"training {exp.attack}")
-            seconds = time.perf_counter() - start
-            self.cache.save(key, model.state_dict(), {"attack_half": exp.attack_half(), "seconds": seconds})
+            self.cache.save(key, model.state_dict(), {"attack_half": exp.attack_half(),
+                                                      "seconds": time.perf_counter() - start})
+        seconds = time.perf_counter() - start
         model.eval()
         stage = Stage(model, attack, train, split, poisoned, self.evaluate(model, attack, exp), seconds, cached)
         self._stages = {key: stage}  # keep one: a grid sorts runs by attack key
