@@ -174,3 +174,19 @@ def minimal_perturbation(model: nn.Module, x: torch.Tensor, *, max_iter: int = 5
             best_dist = torch.where(better, dist, best_dist)
         r_total[idx] = r_total[idx] + best_r.detach()
     return ((1 + overshoot) * r_total).detach(), adv_label
+
+
+def boundary_distances(model: nn.Module, x: torch.Tensor, *, device: torch.device, batch_size: int = 256,
+                       max_iter: int = 50, overshoot: float = 0.02, candidates: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(||r_i||_2, adversarial label) of :func:`minimal_perturbation` for float images ``x``, batched
+    (Burn's boundary distance; the label is -1 where the sample did not flip)."""
+    norms, labels = [], []
+    for start in range(0, len(x), batch_size):
+        r, adv = minimal_perturbation(model, x[start:start + batch_size].to(device), max_iter=max_iter,
+                                      overshoot=overshoot, candidates=candidates)
+        norms.append(r.flatten(1).norm(dim=1).cpu())
+        labels.append(adv.cpu())
+    if not norms:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(norms), torch.cat(labels)

@@ -189,10 +189,13 @@ def defense_data(defense: Defense, data: TinyData, ctx: RunContext) -> DefenseDa
 
 def evaluate(model: nn.Module, data: TinyData, ctx: RunContext) -> Evaluation:
     """Predictions on the clean test set and on its :class:`PatchAttack` backdoor test set."""
-    bd = run_attack(PatchAttack(), data, ctx)
+    attack = PatchAttack()
+    bd = run_attack(attack, data, ctx)
+    source = data.test.subset(attack.eligible_test(data.test.labels, TARGET).nonzero().flatten())
     return Evaluation(clean_pred=predict(model, data.test.images, device=ctx.device), clean_true=data.test.labels,
                       bd_pred=predict(model, bd.backdoor_test.images, device=ctx.device), bd_true=bd.true_labels,
-                      bd_target=bd.backdoor_test.labels)
+                      bd_target=bd.backdoor_test.labels, model=model, clean=data.test, bd_source=source,
+                      trigger=lambda x: attack.apply(x, None), device=ctx.device)
 
 
 def run_component(cls: type, params: dict[str, Any] | None = None, *, model: nn.Module | None = None,
