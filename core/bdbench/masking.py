@@ -22,6 +22,7 @@ re-parametrisation, so no network copy or layer replacement is needed:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 
@@ -87,14 +88,6 @@ class NeuronMasks:
     def __len__(self) -> int:
         return sum(m.numel() for m in self.masks)
 
-    def neuron(self, index: int) -> tuple[str, int]:
-        """(BN layer name, channel) of a position in :meth:`flat`."""
-        for name, m in zip(self.names, self.masks):
-            if index < m.numel():
-                return name, index
-            index -= m.numel()
-        raise IndexError(index)
-
     # -- updates -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def clamp_(self, low: float | Sequence[float] = 0.0, high: float = 1.0) -> None:
@@ -109,10 +102,6 @@ class NeuronMasks:
         for m, v in zip(self.masks, values.to(self.masks[0].device).split([m.numel() for m in self.masks])):
             m.copy_(v)
 
-    def threshold(self, values: torch.Tensor, threshold: float) -> torch.Tensor:
-        """The hard mask: 0 where ``values <= threshold`` (pruned), 1 elsewhere."""
-        return (values > threshold).float()
-
     @torch.no_grad()
     def randomize(self, eps: float, generator: torch.Generator | None = None) -> None:
         """Draw ``delta, xi ~ U(-eps, eps)`` and make them require gradients."""
@@ -126,22 +115,16 @@ class NeuronMasks:
         for t, g in zip(self.noise(), grads, strict=True):
             t.add_(step * g.sign()).clamp_(-eps, eps)
 
-    class _Perturbed:
-        def __init__(self, owner: NeuronMasks) -> None:
-            self.owner = owner
-
-        def __enter__(self) -> NeuronMasks:
-            if not self.owner.delta:
-                raise BdbenchError("these masks were made without perturbations")
-            self.owner._perturbed = True
-            return self.owner
-
-        def __exit__(self, *exc) -> None:
-            self.owner._perturbed = False
-
-    def perturbed(self) -> NeuronMasks._Perturbed:
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator[NeuronMasks]:
         """Context in which the forward pass uses ``m + delta`` and ``1 + xi``."""
-        return NeuronMasks._Perturbed(self)
+        if not self.delta:
+            raise BdbenchError("these masks were made without perturbations")
+        self._perturbed = True
+        try:
+            yield self
+        finally:
+            self._perturbed = False
 
     # -- ending -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,10 +168,6 @@ class FilterPruning:
             if conv.bias is not None:
                 torch_prune.custom_from_mask(conv, "bias", torch.ones_like(conv.bias))
         self.pruned: list[tuple[str, int]] = []
-
-    def stored(self, name: str) -> nn.Parameter:
-        """The trainable weights of a conv (before the mask)."""
-        return self.convs[name].weight_orig
 
     def prune(self, name: str, filter: int) -> None:
         """Zero filter ``filter`` of conv ``name`` (its weights and bias), persistently."""
