@@ -67,7 +67,7 @@ def test_killing_the_grid_loses_and_duplicates_nothing(tmp_path):
         proc = bdrun_grid(spec, out, cache)
         time.sleep(rng.uniform(3, 12))
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.communicate()  # reap it and close its pipes
         for f in out.rglob("*.parquet"):
             assert pq.read_table(f).num_rows == 1  # every file readable, never partial
     finished = bdrun_grid(spec, out, cache)
