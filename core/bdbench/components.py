@@ -210,6 +210,12 @@ class Attack(Component):
         """Add the trigger to float images in [0, 1] (N x C x H x W); return new tensors."""
         raise NotImplementedError
 
+    def trigger_hint(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int, int] | None:
+        """The trigger's bounding box ``(top, left, height, width)`` in pixels, or None when the
+        trigger spans the whole image (blending, warping, additive noise). Defenses that
+        declare the ``trigger_hint`` capability (MESA, BAERASER) receive it."""
+        return None
+
     def backdoor_labels(self, labels: torch.Tensor, target: int, num_classes: int) -> torch.Tensor:
         """The labels the backdoor maps ``labels`` to."""
         if self.label_mode == "all-to-all":
@@ -249,6 +255,7 @@ class DefenseData:
     poisoned_train: ImageSet | None = None  # the poisoned training set, without poison labels marked
     trigger: Callable[[torch.Tensor], torch.Tensor] | None = None  # trigger oracle: [0,1] -> [0,1]
     target: int | None = None
+    trigger_hint: tuple[int, int, int, int] | None = None  # (top, left, height, width) of the trigger
 
 
 @attrs.define(kw_only=True, eq=False)

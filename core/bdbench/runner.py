@@ -22,6 +22,7 @@ import torch
 
 import bdbench
 from bdbench import data as bddata
+from bdbench import resources as bdresources
 from bdbench.cache import TensorCache, default_cache_dir
 from bdbench.calibration import CALIBRATIONS
 from bdbench.components import Attack, Defense, DefenseData, Evaluation, ImageSet, Metric, PoisonedSet
@@ -270,28 +271,26 @@ class Runner:
             kwargs["trigger"] = lambda x: stage.attack.apply(x, None)
         if "target_label" in needs:
             kwargs["target"] = exp.target
+        if "trigger_hint" in needs:
+            kwargs["trigger_hint"] = stage.attack.trigger_hint(shape) or (0, 0, shape[1], shape[2])
         return DefenseData(num_classes=num_classes, image_shape=shape, **kwargs)
 
     def calibrated(self, exp: Experiment, stage: Stage, clean: ImageSet, val: ImageSet,
                    with_val: bool) -> tuple[ImageSet, ImageSet]:
         """The defender's data after ``exp.calibrate``, cached per victim model and auxiliary set."""
         method = CALIBRATIONS[exp.calibrate]()
-        payload = canonical_json({"victim": self.attack_key(exp), "source": exp.source, "spc": exp.spc,
-                                  "clean_ratio": exp.clean_ratio, "seed": exp.seed, "with_val": with_val,
-                                  "method": exp.calibrate, "params": method})
-        key = hashlib.sha256(payload.encode()).hexdigest()[:32]
-        cache = TensorCache(self.cache.root.parent, "calibration")
-        if cache.has(key):
-            try:
-                t, _ = cache.load(key)
-                return ImageSet(t["clean"], t["clean_labels"]), ImageSet(t["val"], t["val_labels"])
-            except CacheError as exc:
-                print(f"bdrun: warning: {exc}; recomputing", file=sys.stderr)
-        clean = method.calibrate(stage.model, clean, self.device)
-        val = method.calibrate(stage.model, val, self.device)
-        cache.save(key, {"clean": clean.images, "clean_labels": clean.labels, "val": val.images,
-                         "val_labels": val.labels}, {"payload": payload})
-        return clean, val
+        payload = {"victim": self.attack_key(exp), "source": exp.source, "spc": exp.spc,
+                   "clean_ratio": exp.clean_ratio, "seed": exp.seed, "with_val": with_val,
+                   "method": exp.calibrate, "params": canonical_json(method)}
+
+        def build():
+            c = method.calibrate(stage.model, clean, self.device)
+            v = method.calibrate(stage.model, val, self.device)
+            return {"clean": c.images, "clean_labels": c.labels, "val": v.images, "val_labels": v.labels}, {}
+
+        ctx = RunContext(dataset=self.plugins.create("dataset", exp.dataset).info(), cache_dir=self.cache.root.parent)
+        t, _ = bdresources.cached(ctx, "calibration", payload, build)
+        return ImageSet(t["clean"], t["clean_labels"]), ImageSet(t["val"], t["val_labels"])
 
     def run(self, exp: Experiment, *, raise_errors: bool = True) -> dict[str, Any]:
         """Execute ``exp`` and write its row; returns the row.

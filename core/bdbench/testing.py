@@ -142,6 +142,9 @@ class PatchAttack(Attack):
         mask, pattern = triggers.corner_patch(tuple(images.shape[1:]), size_at_32=4)
         return triggers.stamp(images, mask, pattern)
 
+    def trigger_hint(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        return triggers.corner_box(image_shape, size_at_32=4)
+
 
 @attrs.frozen(eq=False)
 class AttackRun:
@@ -156,6 +159,7 @@ class AttackRun:
 def run_attack(attack: Attack, data: TinyData, ctx: RunContext, model: nn.Module | None = None) -> AttackRun:
     """prepare, poison (ratio 0.1, target 0), ``train`` for training-control attacks, apply on the test set."""
     info = data.info
+    ctx = attrs.evolve(ctx, poison_ratio=POISON_RATIO, target=TARGET)
     attack.prepare(info, data.train, ctx)
     poisoned = attack.poison(data.train, POISON_RATIO, TARGET, info.num_classes, ctx.generator("poison"))
     train = poisoned.merge(data.train)
@@ -184,6 +188,8 @@ def defense_data(defense: Defense, data: TinyData, ctx: RunContext) -> DefenseDa
         fields["trigger"] = PatchAttack().apply
     if "target_label" in needs:
         fields["target"] = TARGET
+    if "trigger_hint" in needs:
+        fields["trigger_hint"] = PatchAttack().trigger_hint(info.image_shape)
     return DefenseData(num_classes=info.num_classes, image_shape=info.image_shape, **fields)
 
 

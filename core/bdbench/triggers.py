@@ -51,6 +51,16 @@ def corner_patch(image_shape: tuple[int, int, int], size_at_32: int = 3, value: 
     return mask, torch.full((1, h, w), float(value))
 
 
+def corner_box(image_shape: tuple[int, int, int], size_at_32: int = 3,
+               corner: str = "bottom-right") -> tuple[int, int, int, int]:
+    """(top, left, height, width) of :func:`corner_patch`'s square."""
+    _, h, w = image_shape
+    side = max(1, round(size_at_32 * h / 32))
+    top = h - side if corner.startswith("bottom") else 0
+    left = w - side if corner.endswith("right") else 0
+    return top, left, side, side
+
+
 def resize_image(image: torch.Tensor, image_shape: tuple[int, int, int]) -> torch.Tensor:
     """Resize a C' x H' x W' float image to ``image_shape`` (bilinear; RGB -> luminance for grey)."""
     c, h, w = image_shape

@@ -32,11 +32,10 @@ def test_dithering_keeps_the_depth_and_diffuses_the_error():
 def test_batch_transform_backdoor_then_negatives_then_clean():
     attack = Bpp()
     train = ImageSet((images(20, seed=1) * 255).to(torch.uint8), torch.arange(20) % 10)
-    attack.poison(train, 0.1, target=0, num_classes=10, generator=torch.Generator().manual_seed(0))
     pool = attack.residuals(train)
     assert torch.allclose(pool, squeeze(train.float(), 8) - train.float())
     x, y = images(64, seed=2), torch.arange(64) % 10
-    tx, ty = attack.batch_transform(pool, torch.Generator().manual_seed(0))(x, y)
+    tx, ty = attack.batch_transform(0.1, 0, 10, pool, torch.Generator().manual_seed(0))(x, y)
     n_bd, n_neg = 6, 6  # int(0.1 * 64), int(0.1 * 64)
     assert torch.allclose(tx[:n_bd], squeeze(x[:n_bd], 8)) and ty[:n_bd].eq(0).all()
     neg = tx[n_bd:n_bd + n_neg] - x[n_bd:n_bd + n_neg]

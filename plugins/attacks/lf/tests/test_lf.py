@@ -3,6 +3,7 @@ import json
 import torch
 
 from bd_attack_lf import LF, gaussian_kernel, low_pass
+from bdbench import resources
 from bdbench.components import to_float, to_uint8
 from bdbench.context import Reporter, RunContext
 from bdbench.nn import NormalizedModel
@@ -29,7 +30,7 @@ def test_low_pass_kernel_and_filter():
 
 def tiny_context(tmp_path):
     return RunContext(dataset=TINY_INFO, device="cpu", seed=0, cache_dir=tmp_path, reporter=Reporter(enabled=False),
-                      recipe=Recipe(epochs=2, batch_size=32, lr=0.05, amp=False))
+                      recipe=Recipe(epochs=2, batch_size=32, lr=0.05, amp=False), model_factory=tiny_factory)
 
 
 def tiny_factory():
@@ -37,7 +38,6 @@ def tiny_factory():
 
 
 def test_perturbation_is_low_frequency_bounded_cached_and_checked(tiny_dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(LF, "_architecture", lambda self, ctx: (tiny_factory, "tiny"))
     ctx = tiny_context(tmp_path)
     attack = LF.configure({"max_passes": "2", "steps": "5"})
     attack.prepare(TINY_INFO, tiny_dataset.train, ctx)
@@ -53,14 +53,14 @@ def test_perturbation_is_low_frequency_bounded_cached_and_checked(tiny_dataset, 
     assert torch.equal(p.images, to_uint8(to_float(tiny_dataset.train.images[p.indices]) + v))
     # cached with a checksum: a second attack loads it without training ...
     entries = list((tmp_path / "lf").glob("*.json"))
+    assert len(list((tmp_path / "clean-models").glob("*.safetensors"))) == 1
     assert len(entries) == 1 and "fooling_rate" in json.loads(entries[0].read_text())["meta"]
     again = LF.configure({"max_passes": "2", "steps": "5"})
-    monkeypatch.setattr(LF, "clean_model", lambda *a: (_ for _ in ()).throw(AssertionError("retrained")))
+    monkeypatch.setattr(resources, "clean_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     again.prepare(TINY_INFO, tiny_dataset.train, ctx)
     assert torch.equal(again.make(0), v)
     # ... and a corrupted entry is detected, reported and rebuilt
     monkeypatch.undo()
-    monkeypatch.setattr(LF, "_architecture", lambda self, ctx: (tiny_factory, "tiny"))
     data = entries[0].with_suffix(".safetensors")
     data.write_bytes(data.read_bytes()[:-8] + b"\0" * 8)
     third = LF.configure({"max_passes": "2", "steps": "5"})

@@ -46,10 +46,9 @@ def test_noise_mode_adds_at_most_one_pixel_of_fresh_noise():
 
 def test_batch_transform_poisons_the_first_samples_then_noise_then_clean():
     attack = WaNet()
-    attack._target, attack._ratio, attack._num_classes = 0, 0.1, 10
     x = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     y = torch.arange(64) % 10
-    tx, ty = attack.batch_transform(torch.Generator().manual_seed(0))(x, y)
+    tx, ty = attack.batch_transform(0.1, 0, 10, torch.Generator().manual_seed(0))(x, y)
     n_bd, n_cross = 6, 12  # int(0.1 * 64), int(6 * 2)
     assert torch.allclose(tx[:n_bd], attack.apply(x[:n_bd])) and ty[:n_bd].eq(0).all()
     assert torch.equal(ty[n_bd:], y[n_bd:])

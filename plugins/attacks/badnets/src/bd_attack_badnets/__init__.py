@@ -24,7 +24,7 @@ import torch
 
 from bdbench import Attack, Paper, hookimpl
 from bdbench.params import param, positive, unit_interval
-from bdbench.triggers import corner_patch, stamp
+from bdbench.triggers import corner_box, corner_patch, stamp
 
 
 class BadNets(Attack):
@@ -46,6 +46,9 @@ class BadNets(Attack):
     def apply(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         mask, pattern = corner_patch(tuple(images.shape[1:]), self.config.patch_size, self.config.value)
         return stamp(images, mask, pattern)
+
+    def trigger_hint(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+        return corner_box(image_shape, self.config.patch_size)
 
 
 @hookimpl

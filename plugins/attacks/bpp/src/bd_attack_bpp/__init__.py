@@ -111,12 +111,6 @@ class Bpp(Attack):
             None, source="None: the preset's recipe; reference code 1,000 and BackdoorBench 100 epochs "
                          "(training control: the attacker sets the training length)", check=positive)
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
-        self._target = 0
-        self._ratio = 0.1
-        self._num_classes = 0
-
     def apply(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.config.dithering:
             return floyd_steinberg(images, self.config.squeeze_num)
@@ -130,22 +124,18 @@ class Bpp(Attack):
             out.append(self.apply(x) - x)
         return torch.cat(out)
 
-    def poison(self, train: ImageSet, ratio: float, target: int, num_classes: int,
-               generator: torch.Generator) -> PoisonedSet:
-        self._target, self._ratio, self._num_classes = target, ratio, num_classes
-        return super().poison(train, ratio, target, num_classes, generator)
-
-    def batch_transform(self, pool: torch.Tensor, generator: torch.Generator):
-        """The reference's per-batch poisoning, for :func:`bdbench.training.fit`."""
+    def batch_transform(self, ratio: float, target: int, num_classes: int, pool: torch.Tensor,
+                        generator: torch.Generator):
+        """The reference's per-batch poisoning at ``ratio``, for :func:`bdbench.training.fit`."""
         def transform(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            n_bd = int(self._ratio * len(x))
+            n_bd = int(ratio * len(x))
             n_neg = min(int(self.config.neg_ratio * len(x)), len(x) - n_bd, len(pool))
             if n_bd == 0 and n_neg == 0:
                 return x, y
             x, y = x.clone(), y.clone()
             if n_bd:
                 x[:n_bd] = self.apply(x[:n_bd])
-                y[:n_bd] = self.backdoor_labels(y[:n_bd], self._target, self._num_classes)
+                y[:n_bd] = self.backdoor_labels(y[:n_bd], target, num_classes)
             if n_neg:
                 pick = torch.randperm(len(pool), generator=generator)[:n_neg]
                 x[n_bd:n_bd + n_neg] = (x[n_bd:n_bd + n_neg] + pool[pick].to(x)).clamp(0, 1)
@@ -157,7 +147,8 @@ class Bpp(Attack):
         recipe = ctx.recipe if ctx.recipe is not None else Recipe()
         if self.config.epochs is not None:  # the attacker controls training: its own length
             recipe = attrs.evolve(recipe, epochs=self.config.epochs)
-        transform = self.batch_transform(self.residuals(train), ctx.generator("bpp-negatives"))
+        transform = self.batch_transform(ctx.poison_ratio, ctx.target, ctx.dataset.num_classes, self.residuals(train),
+                                         ctx.generator("bpp-negatives"))
         fit(model, train, recipe, ctx, batch_transform=transform, description="training bpp")
 
 

@@ -33,9 +33,8 @@ Fidelity notes:
   never see the test set).
 - The clean model is trained with ``surrogate_seed`` (default 0), not the run's seed: one
   pattern per (data, architecture), as BackdoorBench ships one file per dataset and model.
-- The architecture: the run's model when the core hands the attack a model factory
-  (``ctx.model_factory``); until it does, ``model="auto"`` takes the preset's model for the
-  run's dataset and recipe, and ``model=NAME`` names one (with its default parameters).
+- The architecture: the run's model (``ctx.model_factory``) with ``model="auto"``, or a named
+  model plugin; the clean model is the core's cached :func:`bdbench.resources.clean_model`.
 - sigma scales as 6 * H / 32 (BackdoorBench keeps 6 px on 64 x 64 Tiny-ImageNet; the card
   recommends the relative band); the kernel has 2 * round(2.5 sigma) + 1 taps (odd, so the
   zero padding is symmetric; the reference's 30 taps is about 5 sigma).
@@ -48,11 +47,6 @@ Fidelity notes:
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import sys
-import time
-from collections.abc import Callable
 from typing import Literal
 
 import attrs
@@ -61,7 +55,8 @@ import torch.nn.functional as F
 
 from bdbench import Attack, Paper, hookimpl
 from bdbench.components import ImageSet, PoisonedSet, to_float, to_uint8
-from bdbench.errors import CacheError, ParameterError
+from bdbench import resources
+from bdbench.errors import ParameterError
 from bdbench.params import fraction, non_negative, param, positive
 from bdbench.triggers import additive
 
@@ -124,50 +119,7 @@ class LF(Attack):
         self.perturbation: torch.Tensor | None = None
         self.info: dict = {}
 
-    # -- the clean model ------------------------------------------------------------------------
-    def _architecture(self, ctx) -> tuple[Callable[[], torch.nn.Module], str]:
-        factory = getattr(ctx, "model_factory", None)
-        if factory is not None and self.config.model == "auto":
-            return factory, "run"
-        from bdbench.nn import NormalizedModel
-        from bdbench.plugins import make_plugin_manager
-        from bdbench.presets import PRESETS
-
-        name, params = self.config.model, {}
-        if name == "auto":
-            for p in PRESETS.values():
-                rec = attrs.evolve(p.recipe, hflip=p.recipe.hflip and ctx.dataset.hflip)
-                if p.dataset == ctx.dataset.name and rec == ctx.recipe:
-                    name, params = p.model, dict(p.model_params)
-                    break
-            else:
-                raise ParameterError("lf needs the victim's architecture for its clean model: "
-                                     "give --attack-param model=NAME")
-        builder = make_plugin_manager(strict=False).create("model", name, params)
-        info = ctx.dataset
-        return (lambda: NormalizedModel(builder.build(info.num_classes, info.image_shape), info.mean, info.std),
-                f"{name}:{json.dumps(params, sort_keys=True)}")
-
-    def clean_model(self, train: ImageSet, ctx, factory) -> torch.nn.Module:
-        from bdbench.training import Recipe, fit
-
-        recipe = ctx.recipe if ctx.recipe is not None else Recipe()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.surrogate_seed)
-            model = factory().to(ctx.device)
-        fit(model, train, recipe, attrs.evolve(ctx, seed=self.config.surrogate_seed), description="lf: clean model")
-        return model.eval()
-
     # -- the perturbation -----------------------------------------------------------------------
-    def _key(self, train: ImageSet, ctx, arch: str, model_repr: str, target: int) -> str:
-        h = hashlib.sha256()
-        h.update(train.images.numpy().tobytes())
-        h.update(train.labels.numpy().tobytes())
-        payload = {"attack": "lf", "config": attrs.asdict(self.config), "target": target, "arch": arch,
-                   "model": hashlib.sha256(model_repr.encode()).hexdigest(), "data": h.hexdigest(),
-                   "dataset": attrs.asdict(ctx.dataset), "recipe": attrs.asdict(ctx.recipe) if ctx.recipe else None}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
     def compute(self, model: torch.nn.Module, train: ImageSet, target: int, ctx) -> tuple[torch.Tensor, dict]:
         """Steps 2-3: the smoothed, accumulated universal perturbation (C x H x W in [0, top])."""
         from bdbench.adversarial import universal
@@ -208,33 +160,23 @@ class LF(Attack):
         return super().poison(train, ratio, target, num_classes, generator)
 
     def make(self, target: int) -> torch.Tensor:
-        """The trigger for ``target``: from the cache, or trained and computed, then cached."""
+        """The trigger for ``target``: from the cache, or a clean model trained and the perturbation computed."""
         if self._ctx is None or self._train is None:
             raise ParameterError("lf: prepare(dataset, train, ctx) must run before poison")
-        ctx, train = self._ctx, self._train
-        factory, arch = self._architecture(ctx)
-        with torch.random.fork_rng(devices=[]):
-            model_repr = repr(factory())
-        key = self._key(train, ctx, arch, model_repr, target)
-        from bdbench.cache import TensorCache
+        ctx, train, cfg = self._ctx, self._train, self.config
+        _, arch = resources.architecture(ctx, cfg.model)
 
-        cache = TensorCache(ctx.cache_dir, "lf") if ctx.cache_dir is not None else None
-        if cache is not None and cache.has(key):
-            try:
-                tensors, meta = cache.load(key)
-                self.perturbation, self.info = tensors["perturbation"], meta
-                return self.perturbation
-            except CacheError as exc:
-                print(f"bdrun: warning: {exc}; recomputing the LF trigger", file=sys.stderr)
-                cache.discard(key)
-        start = time.perf_counter()
-        model = self.clean_model(train, ctx, factory)
-        v, info = self.compute(model, train, target, ctx)
-        info.update(arch=arch, seconds=time.perf_counter() - start)
-        if cache is not None:
-            cache.save(key, {"perturbation": v}, info)
-        self.perturbation, self.info = v, info
-        return v
+        def build():
+            model = resources.clean_model(ctx, train, seed=cfg.surrogate_seed, model=cfg.model,
+                                          description="lf: clean model")
+            v, info = self.compute(model, train, target, ctx)
+            return {"perturbation": v}, {**info, "arch": arch}
+
+        payload = {"config": attrs.asdict(cfg), "target": target, "arch": arch, "data": resources.digest(train),
+                   "dataset": attrs.asdict(ctx.dataset), "recipe": attrs.asdict(ctx.recipe) if ctx.recipe else None}
+        tensors, self.info = resources.cached(ctx, "lf", payload, build)
+        self.perturbation = tensors["perturbation"]
+        return self.perturbation
 
     def apply(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.perturbation is None:

@@ -98,12 +98,6 @@ class WaNet(Attack):
             None, source="None: the preset's recipe; reference code 1,000 and BackdoorBench 100 epochs "
                          "(training control: the attacker sets the training length)", check=positive)
 
-    def __init__(self, config=None) -> None:
-        super().__init__(config)
-        self._target = 0
-        self._ratio = 0.1
-        self._num_classes = 0
-
     def grid(self, h: int, w: int) -> torch.Tensor:
         """Gamma, the backdoor warp grid (1 x H x W x 2)."""
         cfg = self.config
@@ -122,23 +116,18 @@ class WaNet(Attack):
         grid = (self.grid(h, w) + noise).clamp(-1, 1).to(images)
         return F.grid_sample(images, grid, mode="bilinear", align_corners=True)
 
-    def poison(self, train: ImageSet, ratio: float, target: int, num_classes: int,
-               generator: torch.Generator) -> PoisonedSet:
-        self._target, self._ratio, self._num_classes = target, ratio, num_classes
-        return super().poison(train, ratio, target, num_classes, generator)
-
-    def batch_transform(self, generator: torch.Generator):
-        """Algorithm 1's per-batch poisoning, for :func:`bdbench.training.fit`."""
+    def batch_transform(self, ratio: float, target: int, num_classes: int, generator: torch.Generator):
+        """Algorithm 1's per-batch poisoning at ``ratio``, for :func:`bdbench.training.fit`."""
         cfg = self.config
 
         def transform(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            n_bd = int(self._ratio * len(x))
+            n_bd = int(ratio * len(x))
             n_cross = min(int(n_bd * cfg.cross_ratio), len(x) - n_bd)
             if n_bd == 0:
                 return x, y
             x, y = x.clone(), y.clone()
             x[:n_bd] = self.apply(x[:n_bd])
-            y[:n_bd] = self.backdoor_labels(y[:n_bd], self._target, self._num_classes)
+            y[:n_bd] = self.backdoor_labels(y[:n_bd], target, num_classes)
             if n_cross:
                 x[n_bd:n_bd + n_cross] = self.apply_noise(x[n_bd:n_bd + n_cross], generator)
             return x, y
@@ -149,7 +138,9 @@ class WaNet(Attack):
         recipe = ctx.recipe if ctx.recipe is not None else Recipe()
         if self.config.epochs is not None:  # the attacker controls training: its own length
             recipe = attrs.evolve(recipe, epochs=self.config.epochs)
-        fit(model, train, recipe, ctx, batch_transform=self.batch_transform(ctx.generator("wanet-noise")),
+        transform = self.batch_transform(ctx.poison_ratio, ctx.target, ctx.dataset.num_classes,
+                                         ctx.generator("wanet-noise"))
+        fit(model, train, recipe, ctx, batch_transform=transform,
             description="training wanet")
 
 
