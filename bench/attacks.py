@@ -2,33 +2,28 @@
 
     python bench/attacks.py --preset quick --seeds 0 1 2
     python bench/attacks.py --preset quick --attacks badnets wanet --attack-param wanet:s=2
+    python bench/attacks.py --out bench-out/attacks --cache-dir bench-out/cache   # resumable
 
-Every attacked model is trained from a cold, temporary cache (resources such as LF's clean
-model and SSBA's encoder are built once per cache and reused by later seeds, as in a real
-grid; their build time is the "resource s" column of the seed that built them). Prints a
+Every attacked model is trained from a cold cache (a temporary one unless --cache-dir is
+given; resources such as LF's clean model and SSBA's encoder are built once per cache and
+reused by later seeds, as in a real grid; their build time is the "resource s" column of the
+seed that built them). With --out, runs already there are not repeated, so an interrupted
+bench resumes. Prints a
 Markdown table (mean and standard deviation over seeds) for BENCHMARKS.md; the rows are kept
 under --out. ``none`` is the clean model trained with the same recipe.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 
 import torch
 
 from bdbench.context import Reporter
+from summarize import fmt  # bench/summarize.py
 from bdbench.plugins import make_plugin_manager
+from bdbench.results import read_results
 from bdbench.runner import Runner, plan
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def parse_params(items: list[str]) -> dict[str, dict[str, str]]:
@@ -49,28 +44,34 @@ def main() -> None:
     ap.add_argument("--poison-ratio", type=float, default=0.1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
     plugins = make_plugin_manager(strict=True)
     attacks = args.attacks or ["none"] + [i.name for i in plugins.list("attack", exclude="none")]
     params = parse_params(args.attack_param)
     out = args.out or tempfile.mkdtemp(prefix="bdbench-bench-")
-    runner = Runner(plugins, out_dir=out, cache_dir=tempfile.mkdtemp(prefix="bdbench-cache-"),
+    runner = Runner(plugins, out_dir=out, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix="bdbench-cache-"),
                     device=args.device, reporter=Reporter(enabled=False))
+    done = {r["run_key"]: r for r in read_results(out).to_pylist() if r["status"] in ("ok", "attack_failed")}
     rows = {}
     for attack in attacks:
         for seed in args.seeds:
-            row = runner.run(plan(plugins, defense="none", attack=attack, preset=args.preset, seed=seed,
-                                  poison_ratio=args.poison_ratio, attack_params=params.get(attack)),
-                             raise_errors=False)
+            exp = plan(plugins, defense="none", attack=attack, preset=args.preset, seed=seed,
+                       poison_ratio=args.poison_ratio, attack_params=params.get(attack))
+            row = done.get(exp.key()) or runner.run(exp, raise_errors=False)
             rows.setdefault(attack, []).append(row)
             print(f"{attack} seed {seed}: {row['status']} acc {row['acc_before']} asr {row['asr_before']} "
-                  f"{row['attack_seconds']:.0f} s {row['error'] or ''}", flush=True)
+                  f"{row['attack_seconds'] or 0:.0f} s {row['error'] or ''}", flush=True)
     print(f"\npreset `{args.preset}`, poison ratio {args.poison_ratio}, seeds {args.seeds}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| attack | params | status | ACC | ASR | RA | train s | resource s |")
     print("|---|---|---|---|---|---|---|---|")
     for attack, rs in rows.items():
         status = "reference" if attack == "none" else ", ".join(sorted({r["status"] for r in rs}))
+        rs = [r for r in rs if r["attack_seconds"] is not None]
+        if not rs:
+            print(f"| {attack} | | {status} | | | | | |")
+            continue
         train = [r["attack_seconds"] - r["attack_prepare_seconds"] for r in rs]
         prep = [r["attack_prepare_seconds"] for r in rs]
         p = ", ".join(f"{k}={v}" for k, v in params.get(attack, {}).items()) or "defaults"

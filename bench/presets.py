@@ -9,21 +9,15 @@ standard deviation over seeds) for BENCHMARKS.md and writes the rows under --out
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 
 import torch
 
 from bdbench.context import Reporter
+from summarize import fmt  # bench/summarize.py
 from bdbench.plugins import make_plugin_manager
 from bdbench.runner import Runner, plan
-
-
-def fmt(values: list[float], digits: int = 3) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main() -> None:

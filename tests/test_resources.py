@@ -74,3 +74,21 @@ def test_trigger_hint_is_the_patch_box_and_reaches_defenses_that_declare_it(tiny
     data = defense_data(Hinted(), tiny_dataset, run_context)
     assert data.trigger_hint == (14, 14, 2, 2) and data.target == 0
     assert defense_data(Defense(), tiny_dataset, run_context).trigger_hint is None
+
+
+def test_a_learned_trigger_remakes_the_poisoned_set_with_the_trained_trigger(tiny_dataset):
+    from bdbench.components import Attack, LearnedTrigger
+
+    class Learned(LearnedTrigger, Attack):
+        name = "learned"
+        strength = 0.0
+
+        def apply(self, images, labels=None):
+            return (images + self.strength).clamp(0, 1)
+
+    attack = Learned()
+    poisoned = attack.poison(tiny_dataset.train, 0.1, 0, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(poisoned.images, tiny_dataset.train.images[poisoned.indices])
+    attack.strength = 1.0  # "trained"
+    attack.refresh_poisoned()
+    assert poisoned.images.eq(255).all() and poisoned.labels.eq(0).all()

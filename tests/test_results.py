@@ -62,3 +62,16 @@ def test_readme_documents_every_column():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", readme, flags=re.M))
     assert set(results.COLUMNS) <= documented
+
+
+def test_files_of_an_older_schema_read_with_the_new_columns_null(tmp_path):
+    import pyarrow as pa
+
+    results.write_row(row("new", attack_prepare_seconds=1.5), tmp_path)
+    old_schema = pa.schema([f for f in results.SCHEMA if f.name != "attack_prepare_seconds"])
+    old = pa.Table.from_pydict({f.name: [row("old").get(f.name)] for f in old_schema}, schema=old_schema)
+    pq.write_table(old, tmp_path / "fashion-mnist" / "old.parquet")
+    table = results.read_results(tmp_path)
+    got = dict(zip(table.column("run_key").to_pylist(), table.column("attack_prepare_seconds").to_pylist()))
+    assert got == {"new": 1.5, "old": None} and table.schema == results.SCHEMA
+    assert results.completed_keys(tmp_path) == {"new", "old"}

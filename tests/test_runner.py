@@ -18,6 +18,7 @@ def test_corrupted_cache_entry_is_detected_and_retrained(session_plugins, tmp_pa
     exp = plan(session_plugins, defense="none", preset="smoke", seed=7)
     first = runner(session_plugins, tmp_path).run(exp)
     assert not first["attack_cached"] and first["attack_seconds"] > 0
+    assert 0 < first["attack_prepare_seconds"] < first["attack_seconds"]
     cached = runner(session_plugins, tmp_path).run(exp)
     assert cached["attack_cached"] and cached["asr_before"] == first["asr_before"]
     (entry,) = (tmp_path / "cache" / "models").glob("*.safetensors")

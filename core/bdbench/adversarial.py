@@ -22,15 +22,20 @@ from bdbench.components import ImageSet
 from bdbench.training import batches
 
 Objective = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, x_adv) -> loss to maximise
-Norm = Literal["linf", "l2"]
+Norm = Literal["linf", "l2", "l1"]  # "l1": a radial rescale (project); no signed PGD step is defined
 
 
 def project(delta: torch.Tensor, eps: float, norm: Norm, batched: bool = True) -> torch.Tensor:
-    """Project ``delta`` (per sample when ``batched``) onto the L-inf or L2 ball of radius ``eps``."""
+    """Project ``delta`` (per sample when ``batched``) onto the L-inf or L2 ball of radius ``eps``.
+
+    ``norm="l1"`` rescales ``delta`` radially into the L1 ball, ``delta * min(1, eps / ||delta||_1)``
+    (AWM's trigger bound, arXiv:2207.04497 Alg. 1; not the Euclidean projection onto the L1 ball).
+    """
     if norm == "linf":
         return delta.clamp(-eps, eps)
     flat = delta.flatten(1) if batched else delta.flatten().unsqueeze(0)
-    scale = (eps / flat.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+    size = flat.abs().sum(dim=1) if norm == "l1" else flat.norm(dim=1)
+    scale = (eps / size.clamp_min(1e-12)).clamp(max=1.0)
     return delta * (scale.view(-1, *([1] * (delta.dim() - 1))) if batched else scale)
 
 
@@ -54,6 +59,8 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
     ``"adam"`` takes Adam steps with learning rate ``step_size`` (GIC). Parameters of ``model``
     get no gradient; the model's mode (train/eval) is left as it is.
     """
+    if norm == "l1" and optimizer == "sign":
+        raise ValueError("perturb() takes no signed L1 step: use optimizer='adam' with an L1 bound")
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)

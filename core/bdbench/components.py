@@ -243,6 +243,43 @@ class Attack(Component):
         """Training-control attacks: train ``model`` in place through :mod:`bdbench.training`."""
         raise NotImplementedError(f"attack {self.name!r} is not a training-control attack")
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Learned state the trigger depends on (e.g. a generator's weights trained by :meth:`train`).
+
+        The runner caches it with the attacked model and restores it through
+        :meth:`load_state_dict` when the model comes from the cache, so :meth:`apply` works
+        without retraining. Called after :meth:`prepare`; an empty dict (the default) means the
+        attack has no such state.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`'s tensors; raise ``RuntimeError`` when they do not fit
+        (the runner then retrains), leaving the attack unchanged."""
+
+
+class LearnedTrigger:
+    """Mixin for training-control attacks whose trigger is learned in :meth:`Attack.train`
+    (a generator): :meth:`poison` keeps its dirty-label subset, and :meth:`refresh_poisoned`
+    re-makes those images in place with the current trigger once it is trained or restored,
+    so the row's poisoned set and a ``poisoned_train_set`` defender see the real trigger.
+    Put it before :class:`Attack` in the bases."""
+
+    _poison_source: tuple[ImageSet, PoisonedSet] | None = None
+
+    def poison(self, train: ImageSet, ratio: float, target: int, num_classes: int,
+               generator: torch.Generator) -> PoisonedSet:
+        poisoned = super().poison(train, ratio, target, num_classes, generator)
+        self._poison_source = (train, poisoned)
+        return poisoned
+
+    def refresh_poisoned(self) -> None:
+        if self._poison_source is not None:
+            from bdbench.triggers import stamp_subset
+
+            train, poisoned = self._poison_source
+            poisoned.images.copy_(stamp_subset(self, train, poisoned.indices))
+
 
 @attrs.frozen(kw_only=True, eq=False)
 class DefenseData:

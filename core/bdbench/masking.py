@@ -15,6 +15,11 @@ re-parametrisation, so no network copy or layer replacement is needed:
   masks live outside the model (``masks.parameters()`` is what an optimizer gets);
   :meth:`NeuronMasks.bake` writes ``gamma * m`` into the model and removes the hooks.
   Pruning neuron ``k`` is ``m_k = 0``: ``gamma_k = 0`` after baking, ``beta_k`` kept (ANP, RNP).
+- :class:`WeightMasks`: one learnable soft mask per weight *element* of every Conv2d (or other
+  weighted layer type), applied as ``m * theta`` through torch's parametrisation, so the layer
+  computes with the masked weights in every forward pass (AWM, Chai & Chen, arXiv:2207.04497,
+  masks every conv weight). The masks live outside the model; :meth:`WeightMasks.bake` writes
+  ``theta * m`` into the weights and removes the parametrisation.
 - :class:`FilterPruning`: a persistent 0/1 mask on the output filters of every Conv2d (weight
   and bias), through ``torch.nn.utils.prune``: a pruned filter's effective weights are zero in
   every forward pass, and its stored weights get zero gradient, so fine-tuning cannot regrow
@@ -28,6 +33,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from bdbench.errors import BdbenchError
@@ -145,6 +151,134 @@ class NeuronMasks:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class _Masked(nn.Module):
+    """Parametrisation ``weight = original * mask``; the mask is held outside the module tree
+    (a plain list), so it is not one of the model's parameters or state-dict entries."""
+
+    def __init__(self, mask: nn.Parameter) -> None:
+        super().__init__()
+        self._mask = [mask]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self._mask[0].to(weight.dtype)
+
+
+class WeightMasks:
+    """A soft mask ``m`` (initialised to 1) on every weight element of each ``types`` layer.
+
+    The layer computes with ``m * theta`` (the original ``theta`` is kept and untouched); the
+    masks are :meth:`parameters` for an optimizer, clipped to ``[0, 1]`` by :meth:`clamp_`.
+    Biases, BatchNorm and layers of other types are not masked. :meth:`bake` writes ``theta * m``
+    into the weights and removes the parametrisation; :meth:`remove` restores ``theta``.
+
+    :param types: the layer types whose ``weight`` is masked (default: every Conv2d).
+    :param exclude: names of layers to leave unmasked.
+    """
+
+    def __init__(self, model: nn.Module, *, types: tuple[type, ...] = (nn.Conv2d,),
+                 exclude: Sequence[str] = (), method: str = "masking") -> None:
+        layers = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, types) and isinstance(getattr(m, "weight", None), torch.Tensor) and n not in exclude]
+        if not layers:
+            raise BdbenchError(f"{method} masks the weights of {', '.join(t.__name__ for t in types)} layers, "
+                               f"and {type(model).__name__} has none")
+        self.names = [n for n, _ in layers]
+        self.modules = [m for _, m in layers]
+        self.masks = [nn.Parameter(torch.ones_like(m.weight, memory_format=torch.contiguous_format))
+                      for m in self.modules]
+        for module, mask in zip(self.modules, self.masks):
+            parametrize.register_parametrization(module, "weight", _Masked(mask))
+        self._active = True
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.masks)
+
+    def flat(self) -> torch.Tensor:
+        """All mask values, concatenated in layer order (a detached copy)."""
+        return torch.cat([m.detach().flatten() for m in self.masks])
+
+    def l1(self) -> torch.Tensor:
+        """``||m||_1`` over every mask (differentiable)."""
+        return sum(m.abs().sum() for m in self.masks)
+
+    def __len__(self) -> int:
+        return sum(m.numel() for m in self.masks)
+
+    def originals(self) -> list[torch.Tensor]:
+        """The unmasked weights ``theta`` of each layer (the tensors the parametrisation keeps)."""
+        return [m.parametrizations.weight.original for m in self.modules]
+
+    @torch.no_grad()
+    def clamp_(self, low: float = 0.0, high: float = 1.0) -> None:
+        for m in self.masks:
+            m.clamp_(low, high)
+
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Write ``theta * m`` into each layer's weight and remove the parametrisation."""
+        if self._active:
+            for module in self.modules:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            self._active = False
+
+    def remove(self) -> None:
+        """Remove the parametrisation; each layer's weight is ``theta`` again (masks dropped)."""
+        if self._active:
+            for module in self.modules:
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            self._active = False
+
+    def __enter__(self) -> WeightMasks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def pruning_candidates(scores: torch.Tensor, *, by: str = "threshold", step: float = 0.05,
+                       maximum: float = 0.9) -> list[tuple[float, torch.Tensor]]:
+    """(value, 0/1 keep-mask) for each grid value 0, step, ..., maximum.
+
+    ``by="threshold"``: units whose score is at most the value are pruned (ANP, RNP);
+    ``by="number"``: the value is the fraction of units pruned, lowest scores first.
+    """
+    grid = [round(i * step, 10) for i in range(int(maximum / step + 1e-9) + 1)]
+    return [(v, keep_mask(scores, v, by=by)) for v in grid]
+
+
+def keep_mask(scores: torch.Tensor, value: float, *, by: str = "threshold") -> torch.Tensor:
+    """0/1 mask of the units kept: score > ``value`` (``by="threshold"``), or all but the
+    ``floor(value * n)`` lowest scores (``by="number"``)."""
+    if by == "threshold":
+        return (scores > value).float()
+    if by == "number":
+        keep = torch.ones_like(scores, dtype=torch.float32)
+        keep[scores.argsort()[:int(value * len(scores))]] = 0.0
+        return keep
+    raise BdbenchError(f"pruning by {by!r}: use 'threshold' or 'number'")
+
+
+def select_pruning(scores: torch.Tensor, evaluate, *, by: str = "threshold", step: float = 0.05,
+                   maximum: float = 0.9, acc_ratio: float = 0.1) -> dict:
+    """The most pruning whose accuracy stays within ``acc_ratio`` (relative) of the unpruned one's.
+
+    ``evaluate(keep)`` returns an accuracy (on the defender's validation split) with the 0/1
+    ``keep`` mask applied. Sweeps :func:`pruning_candidates` and keeps the largest value whose
+    relative drop from ``evaluate(all ones)`` is under ``acc_ratio``. Returns ``{"value", "keep",
+    "acc", "acc_0", "sweep": [(value, acc), ...]}``.
+    """
+    acc_0 = evaluate(torch.ones_like(scores, dtype=torch.float32))
+    best = {"value": 0.0, "keep": torch.ones_like(scores, dtype=torch.float32), "acc": acc_0, "acc_0": acc_0}
+    sweep = []
+    for value, keep in pruning_candidates(scores, by=by, step=step, maximum=maximum):
+        acc = evaluate(keep)
+        sweep.append((value, acc))
+        if (acc_0 - acc) / max(acc_0, 1e-12) < acc_ratio:
+            best = {"value": value, "keep": keep, "acc": acc, "acc_0": acc_0}
+    best["sweep"] = sweep
+    return best
 
 
 def exponential_schedule(num_layers: int, alpha: float, beta: float) -> list[float]:

@@ -86,6 +86,18 @@ def example_input(model: nn.Module, input_shape: tuple[int, int, int]) -> torch.
     return torch.rand(2, *input_shape, device=device_of(model))
 
 
+def dry_run(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """One forward pass of :func:`example_input` in eval mode without gradients, the model's
+    mode restored: what hooks registered beforehand use to discover a network's structure."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input(model, input_shape))
+    finally:
+        model.train(was_training)
+
+
 def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[tuple[str, nn.Conv2d, str, nn.BatchNorm2d]]:
     """(conv name, conv, bn name, bn) for every BatchNorm2d whose input is a Conv2d's output.
 
@@ -113,11 +125,7 @@ def conv_bn_pairs(model: nn.Module, input_shape: tuple[int, int, int]) -> list[t
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_hook(bn_hook))
     try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(example_input(model, input_shape))
-        model.train(was_training)
+        dry_run(model, input_shape)
     finally:
         for h in hooks:
             h.remove()

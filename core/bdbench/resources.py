@@ -9,7 +9,8 @@ sidecar); a corrupted entry is reported in one line and rebuilt.
 - :func:`digest` - a stable fingerprint of an :class:`ImageSet` for such payloads;
 - :func:`architecture` - the run's model factory (or a named model plugin's);
 - :func:`clean_model` - a clean model of the run's architecture trained with the run's recipe
-  on the given data, itself cached.
+  on the given data, itself cached;
+- :func:`robust_model` - the same, adversarially trained ("fast" FGSM with a random start).
 """
 from __future__ import annotations
 
@@ -111,6 +112,38 @@ def clean_model(ctx: RunContext, data: ImageSet, *, seed: int = 0, model: str = 
     (``ctx.recipe``). One entry per (data, architecture, recipe, seed): LF, LC and TrojanNN
     runs on one dataset and model share it.
     """
+    return _trained_model(ctx, data, seed=seed, model=model, recipe=recipe, description=description,
+                          namespace="clean-models", extra={}, loss_fn=None)
+
+
+def robust_model(ctx: RunContext, data: ImageSet, *, eps: float, seed: int = 0, model: str = "auto",
+                 recipe: Any = None, description: str = "robust model") -> nn.Module:
+    """A model of the run's architecture adversarially trained on ``data`` (eval mode), cached.
+
+    "Fast" adversarial training (Wong, Rice, Kolter, "Fast is better than free", ICLR 2020,
+    arXiv:2001.03994): every training batch is replaced by its FGSM examples taken from a
+    uniform random start in the L-inf ball of radius ``eps`` (pixel scale [0, 1]) with step
+    1.25 ``eps`` (:func:`bdbench.adversarial.pgd`, one step), then the usual cross-entropy
+    step; the recipe is ``recipe`` or the run's. Cached like :func:`clean_model`, keyed also by
+    ``eps`` (namespace ``robust-models``). For attacks whose perturbations should carry
+    features of the other classes (LC's "hard" images).
+    """
+    from bdbench.adversarial import pgd
+    from bdbench.training import cross_entropy
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = pgd(net, x, y, eps=eps, step_size=1.25 * eps, steps=1, random_start=True, generator=generator)
+        return cross_entropy(net, x_adv, y)
+
+    return _trained_model(ctx, data, seed=seed, model=model, recipe=recipe, description=description,
+                          namespace="robust-models", extra={"eps": eps, "method": "fgsm-random-start"},
+                          loss_fn=loss_fn)
+
+
+def _trained_model(ctx: RunContext, data: ImageSet, *, seed: int, model: str, recipe: Any, description: str,
+                   namespace: str, extra: dict[str, Any], loss_fn: Callable[..., torch.Tensor] | None) -> nn.Module:
     from bdbench.training import Recipe, fit
 
     recipe = recipe if recipe is not None else (ctx.recipe if ctx.recipe is not None else Recipe())
@@ -120,12 +153,13 @@ def clean_model(ctx: RunContext, data: ImageSet, *, seed: int = 0, model: str = 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = factory().to(ctx.device)
-        fit(net, data, recipe, attrs.evolve(ctx, seed=seed), description=description)
+        kwargs = {} if loss_fn is None else {"loss_fn": loss_fn}
+        fit(net, data, recipe, attrs.evolve(ctx, seed=seed), description=description, **kwargs)
         return dict(net.state_dict()), {"arch": arch}
 
     payload = {"data": digest(data), "arch": arch, "recipe": attrs.asdict(recipe), "seed": seed,
-               "dataset": attrs.asdict(ctx.dataset)}
-    state, _ = cached(ctx, "clean-models", payload, build)
+               "dataset": attrs.asdict(ctx.dataset), **extra}
+    state, _ = cached(ctx, namespace, payload, build)
     with torch.random.fork_rng(devices=[]):
         net = factory().to(ctx.device)
     net.load_state_dict(state)

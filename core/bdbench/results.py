@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: attack_prepare_seconds
 
 _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_key", pa.string(), "SHA-256 of the experiment's canonical JSON; identifies the run"),
@@ -58,6 +58,8 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("defense_diagnostics", pa.string(), "what the defense reports (pruned units, detection), canonical JSON"),
     ("attack_seconds", pa.float64(), "seconds to build the attack's resources, poison and train the attacked model "
      "(no training on a cache hit; 0 when an earlier run of the same process prepared it)"),
+    ("attack_prepare_seconds", pa.float64(), "of attack_seconds, the part spent in the attack's prepare and poison "
+     "(building or loading its resources: trigger, surrogate model, encoder; poisoning)"),
     ("attack_cached", pa.bool_(), "the attacked model came from the cache"),
     ("defense_seconds", pa.float64(), "seconds the defense ran"),
     ("peak_memory_mb", pa.float64(), "peak resident memory of the process (CPU) or peak CUDA memory, MiB"),
@@ -110,7 +112,14 @@ def read_results(out_dir: Path | str) -> pa.Table:
     files = result_files(out_dir)
     if not files:
         return SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+    return pa.concat_tables([_conform(pq.read_table(f)) for f in files])
+
+
+def _conform(table: pa.Table) -> pa.Table:
+    """A file's table in the current schema: columns an older schema lacked are null."""
+    columns = [table.column(name).cast(SCHEMA.field(name).type) if name in table.column_names
+               else pa.nulls(len(table), SCHEMA.field(name).type) for name in COLUMNS]
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
 def completed_keys(out_dir: Path | str) -> set[str]:

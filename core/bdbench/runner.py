@@ -126,6 +126,7 @@ class Stage:
     before: dict[str, float]
     seconds: float
     cached: bool
+    prepare_seconds: float = 0.0
 
 
 class Runner:
@@ -137,6 +138,7 @@ class Runner:
         self.plugins = plugins
         self.out_dir = Path(out_dir)
         self.cache = TensorCache(Path(cache_dir) if cache_dir else default_cache_dir(), "models")
+        self.attack_states = TensorCache(self.cache.root.parent, "attack-states")  # Attack.state_dict()
         self.device = torch.device(device)
         self.data_dir = Path(data_dir) if data_dir else None
         self.reporter = reporter or Reporter()
@@ -182,7 +184,7 @@ class Runner:
     def attacked(self, exp: Experiment) -> Stage:
         key = self.attack_key(exp)
         if key in self._stages:  # trained or loaded by an earlier run of this runner
-            return attrs.evolve(self._stages[key], seconds=0.0, cached=True)
+            return attrs.evolve(self._stages[key], seconds=0.0, cached=True, prepare_seconds=0.0)
         ctx = self.context(exp)
         train = self._subset(self.load(exp.dataset, "train"), exp.train_subset, seed=exp.seed)
         split = bddata.reserve(train.labels, ctx.generator("reserve"))
@@ -195,16 +197,19 @@ class Runner:
                                        ctx.generator("poison"))
         # indices of the poisoned samples in `train` (the defender's pools are drawn from it)
         poisoned = PoisonedSet(split.train[poisoned_local.indices], poisoned_local.images, poisoned_local.labels)
+        prepare_seconds = time.perf_counter() - start
         model = self.build_model(exp, ctx)
         cached = False
         if self.cache.has(key):
             try:
                 state, _ = self.cache.load(key)
                 model.load_state_dict(state)
+                self._load_attack_state(key, attack)
                 cached = True
             except (CacheError, RuntimeError) as exc:
                 print(f"bdrun: warning: {str(exc).splitlines()[0]}; retraining", file=sys.stderr)
                 self.cache.discard(key)
+                self.attack_states.discard(key)
                 model = self.build_model(exp, ctx)
         if not cached:
             torch.manual_seed(exp.seed)
@@ -213,13 +218,26 @@ class Runner:
                 attack.train(model, attack_train, poisoned_local, ctx)
             else:
                 fit(model, poisoned_local.merge(attack_train), ctx.recipe, ctx, description=f"training {exp.attack}")
+            attack_state = attack.state_dict()
+            if attack_state:  # saved before the model: a model entry implies its attack state
+                self.attack_states.save(key, attack_state, {"attack_half": exp.attack_half()})
             self.cache.save(key, model.state_dict(), {"attack_half": exp.attack_half(),
                                                       "seconds": time.perf_counter() - start})
         seconds = time.perf_counter() - start
         model.eval()
-        stage = Stage(model, attack, train, split, poisoned, self.evaluate(model, attack, exp), seconds, cached)
+        stage = Stage(model, attack, train, split, poisoned, self.evaluate(model, attack, exp), seconds, cached,
+                      prepare_seconds)
         self._stages = {key: stage}  # keep one: a grid sorts runs by attack key
         return stage
+
+    def _load_attack_state(self, key: str, attack: Attack) -> None:
+        """Restore the attack's learned state (:meth:`Attack.state_dict`) cached with model ``key``."""
+        if not attack.state_dict():
+            return
+        if not self.attack_states.has(key):
+            raise CacheError(f"attack state for cached model {key} is missing")
+        state, _ = self.attack_states.load(key)
+        attack.load_state_dict(state)
 
     # -- evaluation ---------------------------------------------------------------------------------
     def test_sets(self, exp: Experiment, attack: Attack) -> tuple[ImageSet, ImageSet, torch.Tensor]:
@@ -310,7 +328,7 @@ class Runner:
             if raise_errors and isinstance(exc, BdbenchError):  # bad input: nothing is written
                 raise
             return self._fail(row, exc, raise_errors)
-        row.update(attack_seconds=stage.seconds, attack_cached=stage.cached, poison_count=len(stage.poisoned),
+        row.update(attack_seconds=stage.seconds, attack_prepare_seconds=stage.prepare_seconds, attack_cached=stage.cached, poison_count=len(stage.poisoned),
                    **{f"{k}_before": stage.before.get(k) for k in STANDARD_STAGE})
         try:
             self._check_attack(exp, stage)

@@ -89,8 +89,14 @@ def fit(model: nn.Module, data: ImageSet, recipe: Recipe, ctx: RunContext, *,
         params: Iterable[nn.Parameter] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
         description: str = "training",
-        stream: str = "fit") -> nn.Module:
-    """Train ``model`` in place for ``recipe.epochs`` epochs (train mode) and return it."""
+        stream: str = "fit",
+        after_epoch: Callable[[int], None] | None = None) -> nn.Module:
+    """Train ``model`` in place for ``recipe.epochs`` epochs (train mode) and return it.
+
+    ``after_epoch(epoch)`` (0-based) runs at the end of every epoch, after the recipe's
+    schedule has stepped: per-epoch work of a method (step an auxiliary network's LR
+    schedule, copy a generator being optimised into the one used to poison).
+    """
     device = ctx.device
     model.to(device).train()
     opt = optimizer or make_optimizer(params if params is not None else model.parameters(), recipe)
@@ -103,7 +109,7 @@ def fit(model: nn.Module, data: ImageSet, recipe: Recipe, ctx: RunContext, *,
     use_amp = recipe.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     with ctx.reporter.task(description, total) as bar:
-        for _ in range(recipe.epochs):
+        for epoch in range(recipe.epochs):
             for x, y in batches(data, recipe.batch_size, device=device, shuffle=True, generator=gen,
                                 drop_last=recipe.drop_last):
                 if batch_transform is not None:
@@ -125,6 +131,8 @@ def fit(model: nn.Module, data: ImageSet, recipe: Recipe, ctx: RunContext, *,
                 bar.advance()
             if sched is not None:
                 sched.step()
+            if after_epoch is not None:
+                after_epoch(epoch)
     model.eval()
     return model
 

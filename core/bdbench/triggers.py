@@ -86,6 +86,27 @@ def poison_indices(n: int, ratio: float, generator: torch.Generator,
     return pool[perm].sort().values
 
 
+def target_class_indices(labels: torch.Tensor, ratio: float, target: int, generator: torch.Generator,
+                         ratio_of: str = "dataset") -> torch.Tensor:
+    """Clean-label poison indices: drawn without replacement from the ``target`` class only.
+
+    ``ratio_of="dataset"`` asks for round(ratio * N), N = len(labels) (BackdoorBench's count for
+    SIG and LC), capped at the class size (BackdoorBench raises instead); ``"target-class"``
+    asks for round(ratio * N_target) (Turner et al.'s and BackdoorBox's proportion of the class).
+    """
+    if ratio_of not in ("dataset", "target-class"):
+        raise ParameterError(f"ratio_of must be 'dataset' or 'target-class', got {ratio_of!r}")
+    if not 0 < ratio <= 1:
+        raise ParameterError(f"poison ratio must be in (0, 1], got {ratio}")
+    pool = (labels == target).nonzero().flatten()
+    if not len(pool):
+        raise ParameterError(f"a clean-label attack needs target-class ({target}) training images; there are none")
+    n = len(labels) if ratio_of == "dataset" else len(pool)
+    count = min(len(pool), int(math.floor(ratio * n + 0.5)))
+    perm = torch.randperm(len(pool), generator=generator)[:count]
+    return pool[perm].sort().values
+
+
 def stamp_subset(attack: Attack, data: ImageSet, index: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """``attack.apply`` on ``data[index]``, batched, quantized back to uint8."""
     from bdbench.components import to_float, to_uint8

@@ -44,9 +44,8 @@ import torch
 
 from bdbench import Attack, Paper, hookimpl
 from bdbench.components import ImageSet, PoisonedSet
-from bdbench.errors import ParameterError
 from bdbench.params import param, positive
-from bdbench.triggers import additive, poison_indices, stamp_subset
+from bdbench.triggers import additive, stamp_subset, target_class_indices
 
 
 def signal(shape: tuple[int, int, int], delta: float, f: float, kind: str = "sin") -> torch.Tensor:
@@ -93,12 +92,7 @@ class Sig(Attack):
     def poison(self, train: ImageSet, ratio: float, target: int, num_classes: int,
                generator: torch.Generator) -> PoisonedSet:
         """Clean label: indices drawn from the target class only, labels unchanged."""
-        pool = (train.labels == target).nonzero().flatten()
-        if not len(pool):
-            raise ParameterError(f"SIG needs target-class ({target}) training images; there are none")
-        n = len(train) if self.config.ratio_of == "dataset" else len(pool)
-        count = min(len(pool), int(math.floor(ratio * n + 0.5)))
-        idx = poison_indices(len(pool), count / len(pool), generator, pool=pool) if count else pool[:0]
+        idx = target_class_indices(train.labels, ratio, target, generator, self.config.ratio_of)
         train_signal = self.signal(train.shape)  # the training amplitude (delta, not delta_test)
         images = stamp_subset(SimpleNamespace(apply=lambda x, y=None: additive(x, train_signal)), train, idx)
         return PoisonedSet(idx, images, train.labels[idx].clone())

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from bdbench import Defense, Paper, hookimpl
 from bdbench.components import DefenseResult
-from bdbench.masking import NeuronMasks
+from bdbench.masking import NeuronMasks, select_pruning
 from bdbench.params import fraction, non_negative, param, positive, unit_interval
 from bdbench.training import Recipe, accuracy, fit
 
@@ -94,42 +94,21 @@ class ANP(Defense):
             after_step=lambda: masks.clamp_(0.0, 1.0), description="anp: mask optimisation")
         model.load_state_dict(original)  # discard the BN-statistics drift of train mode
         learned = masks.flat()
-        choice = select_pruning(model, masks, learned, data.val, cfg, ctx.device)
-        masks.set(choice["mask"])
+
+        def val_accuracy(keep: torch.Tensor) -> float:
+            masks.set(keep)
+            return accuracy(model, data.val, device=ctx.device)
+
+        choice = select_pruning(learned, val_accuracy, by=cfg.pruning_by, step=cfg.prune_step,
+                                maximum=cfg.prune_max, acc_ratio=cfg.acc_ratio)
+        masks.set(choice["keep"])
         masks.bake()
         model.eval()
         return DefenseResult(model=model, diagnostics={
             "neurons": len(learned), "iterations": recipe.epochs * per_epoch, "pruning_by": cfg.pruning_by,
-            "chosen": choice["value"], "pruned": int((choice["mask"] == 0).sum()),
+            "chosen": choice["value"], "pruned": int((choice["keep"] == 0).sum()),
             "val_acc_initial": choice["acc_0"], "val_acc_pruned": choice["acc"],
         })
-
-
-def candidates(learned: torch.Tensor, cfg) -> list[tuple[float, torch.Tensor]]:
-    """(threshold or fraction, hard mask) for each grid value 0, step, ..., max."""
-    grid = [round(i * cfg.prune_step, 10) for i in range(int(cfg.prune_max / cfg.prune_step + 1e-9) + 1)]
-    out = []
-    for v in grid:
-        if cfg.pruning_by == "threshold":
-            mask = (learned > v).float()
-        else:
-            mask = torch.ones_like(learned)
-            mask[learned.argsort()[:int(v * len(learned))]] = 0.0
-        out.append((v, mask))
-    return out
-
-
-def select_pruning(model, masks: NeuronMasks, learned: torch.Tensor, val, cfg, device) -> dict:
-    """The largest threshold (or fraction) whose validation accuracy is within acc_ratio of acc_0."""
-    masks.set(torch.ones_like(learned))
-    acc_0 = accuracy(model, val, device=device)
-    best = {"value": 0.0, "mask": torch.ones_like(learned), "acc": acc_0, "acc_0": acc_0}
-    for value, mask in candidates(learned, cfg):
-        masks.set(mask)
-        acc = accuracy(model, val, device=device)
-        if (acc_0 - acc) / max(acc_0, 1e-12) < cfg.acc_ratio:
-            best = {"value": value, "mask": mask, "acc": acc, "acc_0": acc_0}
-    return best
 
 
 @hookimpl
