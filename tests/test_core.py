@@ -244,3 +244,19 @@ def test_mixup_and_distillation_losses():
     assert distillation_kl(logits, logits, 4.0).abs() < 1e-6 and distillation_kl(logits, -logits, 4.0) > 0
     f = torch.rand(2, 3, 4, 4)
     assert attention_distillation(f, f) < 1e-6 and attention_distillation(f, torch.rand(2, 3, 4, 4)) > 0
+
+
+def test_perturb_starts_where_asked_and_clips_only_when_asked(tiny_model):
+    from bdbench.adversarial import perturb
+
+    x = torch.full((2, 1, 16, 16), 0.9)
+
+    def nothing(m, xa):  # a zero gradient: delta stays at its start
+        return (m(xa) * 0).sum()
+
+    kw = dict(eps=0.2, step_size=0.05, steps=2)
+    assert torch.allclose(perturb(tiny_model, x, nothing, start="max", clip=False, **kw), torch.full_like(x, 0.2))
+    assert torch.allclose(perturb(tiny_model, x, nothing, start="max", **kw), torch.full_like(x, 0.1))  # 0.9 + d <= 1
+    assert perturb(tiny_model, x, nothing, start="zero", **kw).abs().max() == 0
+    rand = perturb(tiny_model, x, nothing, start="random", clip=False, generator=torch.Generator().manual_seed(0), **kw)
+    assert rand.abs().max() <= 0.2 and rand.std() > 0.05

@@ -39,8 +39,9 @@ def project(delta: torch.Tensor, eps: float, norm: Norm, batched: bool = True) -
     return delta * (scale.view(-1, *([1] * (delta.dim() - 1))) if batched else scale)
 
 
-def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
-    return (x + project(delta, eps, norm)).clamp(0, 1) - x
+def _project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm, clip: bool = True) -> torch.Tensor:
+    delta = project(delta, eps, norm)
+    return (x + delta).clamp(0, 1) - x if clip else delta
 
 
 def _step(grad: torch.Tensor, step_size: float, norm: Norm) -> torch.Tensor:
@@ -52,12 +53,16 @@ def _step(grad: torch.Tensor, step_size: float, norm: Norm) -> torch.Tensor:
 
 def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: float, step_size: float, steps: int,
             norm: Norm = "linf", random_start: bool = True, generator: torch.Generator | None = None,
-            optimizer: Literal["sign", "adam"] = "sign") -> torch.Tensor:
+            optimizer: Literal["sign", "adam"] = "sign", start: Literal["random", "zero", "max"] | None = None,
+            clip: bool = True) -> torch.Tensor:
     """delta within the ``eps`` ball maximising ``objective(model, x + delta)`` by projected ascent.
 
     ``optimizer="sign"`` takes PGD steps of ``step_size`` (the sign of the gradient under L-inf);
-    ``"adam"`` takes Adam steps with learning rate ``step_size`` (GIC). Parameters of ``model``
-    get no gradient; the model's mode (train/eval) is left as it is.
+    ``"adam"`` takes Adam steps with learning rate ``step_size`` (GIC). ``start`` is where delta
+    begins: ``"random"`` (uniform in the ball), ``"zero"``, or ``"max"`` (+eps in every pixel,
+    SAU's reference); None follows ``random_start``. With ``clip`` (the default) x + delta stays
+    in [0, 1]; without it only the ball constrains delta (SAU's reference does not clip).
+    Parameters of ``model`` get no gradient; the model's mode (train/eval) is left as it is.
     """
     if norm == "l1" and optimizer == "sign":
         raise ValueError("perturb() takes no signed L1 step: use optimizer='adam' with an L1 bound")
@@ -65,11 +70,16 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        if random_start:
+        start = start or ("random" if random_start else "zero")
+        if start == "random":
             noise = torch.rand(x.shape, generator=generator).to(x) * 2 - 1
-            delta = _project(noise * eps, x, eps, norm)
-        else:
+            delta = _project(noise * eps, x, eps, norm, clip)
+        elif start == "max":
+            delta = _project(torch.full_like(x, eps), x, eps, norm, clip)
+        elif start == "zero":
             delta = torch.zeros_like(x)
+        else:
+            raise ValueError(f"perturb: unknown start {start!r} (random, zero or max)")
         if optimizer == "adam":
             delta.requires_grad_(True)
             adam = torch.optim.Adam([delta], lr=step_size)
@@ -78,13 +88,13 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
                 (-objective(model, x + delta)).backward()
                 adam.step()
                 with torch.no_grad():
-                    delta.copy_(_project(delta, x, eps, norm))
+                    delta.copy_(_project(delta, x, eps, norm, clip))
         else:
             for _ in range(steps):
                 delta.requires_grad_(True)
                 loss = objective(model, x + delta)
                 (grad,) = torch.autograd.grad(loss, delta)
-                delta = _project(delta.detach() + _step(grad, step_size, norm), x, eps, norm)
+                delta = _project(delta.detach() + _step(grad, step_size, norm), x, eps, norm, clip)
     finally:
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)

@@ -19,12 +19,11 @@ def test_shared_adversarial_examples_fool_both_models_onto_one_label(tiny_model,
     x, y = tiny_dataset.test.float()[:64], tiny_dataset.test.labels[:64]
     sau = SAU.configure({"eps": "0.3", "adv_lr": "0.05", "adv_steps": "20"})
     delta = sau.shared_adversarial(model, reference, x, y, torch.Generator().manual_seed(1))
-    assert delta.abs().max() <= 0.3 + 1e-6
-    assert (x + delta).min() >= 0 and (x + delta).max() <= 1
+    assert delta.abs().max() <= 0.3 + 1e-6  # the reference's unclipped x + delta may leave [0, 1]
     with torch.no_grad():
         pred, pred_ref = model(x + delta).argmax(1), reference(x + delta).argmax(1)
         both_fooled = (pred != model(x).argmax(1)) & (pred_ref != reference(x).argmax(1))
-    # measured on this fixture: 95% of the samples fool both models, all onto the same label
+    # measured on this fixture: most samples fool both models, almost all onto the same label
     assert both_fooled.float().mean() > 0.8
     assert (pred[both_fooled] == pred_ref[both_fooled]).float().mean() > 0.95
 
@@ -45,12 +44,19 @@ def test_smoke_badnets(smoke_run, seed):
     # n_rounds 5 and Adam lr 1e-3 instead of 100 rounds at 1e-4: each SAU step runs a 5-step shared
     # PGD on two models, and the reference's 1,000 steps would take far over the ~90 s smoke budget
     # on this CPU; the larger lr only partly makes up for 20x fewer rounds. Measured on the smoke preset,
-    # badnets, spc 100:
-    #   seed 0: ACC 0.834 -> 0.828, ASR 0.997 -> 0.848, RA 0.146, 910 s (2-core CPU at load ~30),
-    #   the reference fooled on 39% of the samples, 33% shared.
-    # Only a partial ASR drop at this budget; seeds 1 and 2 and a longer run (n_rounds 20-100) were
-    # not measured in the time available. TODO: measure on an idle CPU, raise the floors.
+    # badnets, spc 100, seed 0 (PGD from the reference's +eps start, x + delta unclipped):
+    #   these settings: ACC 0.834 -> 0.826, ASR 0.996 -> 0.709, RA 0.273 (18 s of defense);
+    #   the defaults (100 rounds at 1e-4): ACC 0.834 -> 0.825, ASR 0.996 -> 0.570, RA 0.388 (282 s,
+    #   shared CPU). With a random start and clipping (before the reference's start was offered):
+    #   5 rounds ASR 0.848, 100 rounds ASR 0.887. SAU stays partial on this small model.
     row = smoke_run("sau", attack="badnets", spc=100, seed=seed, defense_params={"n_rounds": 5, "lr": 0.001})
     assert row["status"] == "ok", row["error"]
-    assert row["asr_before"] - row["asr_after"] >= 0.08
+    assert row["asr_before"] - row["asr_after"] >= 0.15
     assert row["acc_after"] >= row["acc_before"] - 0.05
+
+
+def test_pgd_starts_at_the_maximum_without_clipping_as_the_reference():
+    sau = SAU()
+    assert sau.config.start == "max" and sau.config.clip is False
+    clipped = SAU.configure({"clip": "true", "start": "random"})
+    assert clipped.config.clip is True and clipped.config.start == "random"
