@@ -1,4 +1,5 @@
-"""The promised install: wheels for every distribution, a clean venv, only bd-defense-ft.
+"""The promised install: wheels for every distribution, a clean venv, only one defense (FT; SAU,
+the README's default job).
 
 The venv does not see this environment's bdbench or plugins; it sees the third-party
 packages already installed here (torch is large) through a folder of links.
@@ -36,12 +37,18 @@ def _third_party_view(dest: Path) -> Path:
     return dest
 
 
-def test_install_one_defense_from_wheels_and_run(tmp_path):
-    wheels = tmp_path / "wheels"
-    subprocess.run(["bash", str(ROOT / "scripts" / "build-wheels.sh"), str(wheels)], check=True,
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wheels")
+    subprocess.run(["bash", str(ROOT / "scripts" / "build-wheels.sh"), str(folder)], check=True,
                    capture_output=True)
+    return folder
+
+
+@pytest.mark.parametrize(("defense", "params"), [("ft", []), ("sau", ["--param", "n_rounds=2"])])
+def test_install_one_defense_from_wheels_and_run(wheels, tmp_path, defense, params):
     names = {w.name.split("-")[0] for w in wheels.glob("*.whl")}
-    assert {"bdbench", "bd_defense_ft", "bd_attack_badnets", "bd_metrics_standard"} <= names
+    assert {"bdbench", f"bd_defense_{defense}", "bd_attack_badnets", "bd_metrics_standard"} <= names
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)  # this pip installs into it (--python)
@@ -50,7 +57,7 @@ def test_install_one_defense_from_wheels_and_run(tmp_path):
                                check=True, capture_output=True, text=True).stdout.strip())
     (site / "third_party.pth").write_text(str(_third_party_view(tmp_path / "third-party")) + "\n")
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-index",
-                                "--find-links", wheels, "bd-defense-ft"], capture_output=True, text=True)
+                                "--find-links", wheels, f"bd-defense-{defense}"], capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr[-3000:]
 
     out = tmp_path / "results"
@@ -59,9 +66,9 @@ def test_install_one_defense_from_wheels_and_run(tmp_path):
     listed = subprocess.run([env_dir / "bin" / "bdrun", "plugins", "--json"], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
-    assert '"bd-defense-ft"' in listed.stdout and '"bd-defense-fp"' not in listed.stdout
-    done = subprocess.run([env_dir / "bin" / "bdrun", "--defense", "ft", "--preset", "smoke", "--out", out],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert f'"bd-defense-{defense}"' in listed.stdout and '"bd-defense-fp"' not in listed.stdout
+    done = subprocess.run([env_dir / "bin" / "bdrun", "--defense", defense, "--preset", "smoke", "--out", out,
+                           *params], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     files = list(out.rglob("*.parquet"))
     assert len(files) == 1 and str(files[0]) in done.stdout.replace("\n", "")
@@ -71,4 +78,4 @@ def test_install_one_defense_from_wheels_and_run(tmp_path):
     for col in ("acc_before", "asr_before", "ra_before", "acc_after", "asr_after", "ra_after"):
         assert 0 <= row[col] <= 1, col
     assert row["arr"] is not None and row["rdr"] is not None
-    assert row["defense_plugin"] == "bd-defense-ft" and row["attack_plugin"] == "bd-attack-badnets"
+    assert row["defense_plugin"] == f"bd-defense-{defense}" and row["attack_plugin"] == "bd-attack-badnets"
