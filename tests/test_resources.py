@@ -92,3 +92,23 @@ def test_a_learned_trigger_remakes_the_poisoned_set_with_the_trained_trigger(tin
     attack.strength = 1.0  # "trained"
     attack.refresh_poisoned()
     assert poisoned.images.eq(255).all() and poisoned.labels.eq(0).all()
+
+
+def test_training_recipe_is_the_runs_with_the_attackers_own_settings():
+    import attrs
+
+    from bdbench.components import Attack
+    from bdbench.params import param
+
+    class Own(Attack):
+        name = "own"
+
+        @attrs.frozen(kw_only=True)
+        class Config:
+            epochs: int | None = param(None, source="test")
+            lr: float | None = param(None, source="test")
+
+    ctx = RunContext(dataset=TINY_INFO, recipe=Recipe(epochs=5, lr=0.05))
+    assert Own().training_recipe(ctx) == Recipe(epochs=5, lr=0.05)
+    assert Own.configure({"epochs": "2"}).training_recipe(ctx, amp=False) == Recipe(epochs=2, lr=0.05, amp=False)
+    assert Own.configure({"lr": "0.001"}).training_recipe(ctx).lr == 0.001

@@ -239,6 +239,17 @@ class Attack(Component):
         images = stamp_subset(self, train, idx)
         return PoisonedSet(idx, images, self.backdoor_labels(train.labels[idx], target, num_classes))
 
+    def training_recipe(self, ctx: RunContext, **overrides: Any) -> Any:
+        """The recipe a training-control attack trains with: the run's (``ctx.recipe``), with the
+        attacker's own ``epochs``, ``optimizer`` and ``lr`` where its config sets them (not None),
+        then ``overrides``."""
+        from bdbench.training import Recipe
+
+        recipe = ctx.recipe if ctx.recipe is not None else Recipe()
+        own = {f: getattr(self.config, f) for f in ("epochs", "optimizer", "lr")
+               if getattr(self.config, f, None) is not None}
+        return attrs.evolve(recipe, **own, **overrides)
+
     def train(self, model: nn.Module, train: ImageSet, poisoned: PoisonedSet, ctx: RunContext) -> None:
         """Training-control attacks: train ``model`` in place through :mod:`bdbench.training`."""
         raise NotImplementedError(f"attack {self.name!r} is not a training-control attack")

@@ -54,7 +54,7 @@ import torch
 from bdbench import Attack, Paper, hookimpl
 from bdbench.components import ImageSet, PoisonedSet, to_float
 from bdbench.params import param, positive, unit_interval
-from bdbench.training import Recipe, fit
+from bdbench.training import fit
 
 
 def _at_least_two(inst, attribute, value) -> None:
@@ -144,9 +144,7 @@ class Bpp(Attack):
         return transform
 
     def train(self, model, train: ImageSet, poisoned: PoisonedSet, ctx) -> None:
-        recipe = ctx.recipe if ctx.recipe is not None else Recipe()
-        if self.config.epochs is not None:  # the attacker controls training: its own length
-            recipe = attrs.evolve(recipe, epochs=self.config.epochs)
+        recipe = self.training_recipe(ctx)  # the attacker controls training: its own length
         transform = self.batch_transform(ctx.poison_ratio, ctx.target, ctx.dataset.num_classes, self.residuals(train),
                                          ctx.generator("bpp-negatives"))
         fit(model, train, recipe, ctx, batch_transform=transform, description="training bpp")

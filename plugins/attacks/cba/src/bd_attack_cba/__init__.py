@@ -85,7 +85,7 @@ from bdbench.components import ImageSet, PoisonedSet, to_float, to_uint8
 from bdbench.context import RunContext
 from bdbench.errors import ParameterError
 from bdbench.params import non_negative, param, positive, unit_interval
-from bdbench.training import Recipe, fit
+from bdbench.training import fit
 from bdbench.triggers import poison_indices
 
 
@@ -319,11 +319,8 @@ class CBA(Attack):
         return loss_fn
 
     def train(self, model, train: ImageSet, poisoned: PoisonedSet, ctx) -> None:
-        recipe = ctx.recipe if ctx.recipe is not None else Recipe()
+        recipe = self.training_recipe(ctx)  # the attacker controls training
         cfg = self.config
-        for field in ("epochs", "optimizer", "lr"):  # the attacker controls training
-            if getattr(cfg, field) is not None:
-                recipe = attrs.evolve(recipe, **{field: getattr(cfg, field)})
         target = ctx.target if ctx.target is not None else self._target
         ratio = ctx.poison_ratio if ctx.poison_ratio is not None else 0.1
         transform = self.batch_transform(train, ratio, target, ctx.generator("cba-mix"))

@@ -394,9 +394,7 @@ class FBA(Attack):
         return set(range(epochs - 1 - rounds, epochs - 1))
 
     def train(self, model, train: ImageSet, poisoned: PoisonedSet, ctx) -> None:
-        recipe = ctx.recipe if ctx.recipe is not None else Recipe()
-        if self.config.epochs is not None:
-            recipe = attrs.evolve(recipe, epochs=self.config.epochs)
+        recipe = self.training_recipe(ctx)
         target = ctx.target if ctx.target is not None else 0
         ratio = ctx.poison_ratio if ctx.poison_ratio is not None else 0.1
         _, module = feature_module(model, ctx.dataset.image_shape)

@@ -256,8 +256,7 @@ class InputAware(LearnedTrigger, Attack):
         cfg = self.config
         if self.generator is None:
             self.prepare(ctx.dataset, train, ctx)
-        recipe = ctx.recipe if ctx.recipe is not None else Recipe()
-        recipe = attrs.evolve(recipe, amp=False, epochs=cfg.epochs or recipe.epochs)
+        recipe = self.training_recipe(ctx, amp=False)
         rho_b, target, k = ctx.poison_ratio, ctx.target, ctx.dataset.num_classes
         rho_c = rho_b if cfg.cross_ratio is None else cfg.cross_ratio
         if rho_b + rho_c > 1:

@@ -171,7 +171,7 @@ class LIRA(LearnedTrigger, Attack):
         cfg = self.config
         if self.net is None:
             self.prepare(ctx.dataset, train, ctx)
-        recipe = attrs.evolve(ctx.recipe if ctx.recipe is not None else Recipe(), amp=False)
+        recipe = self.training_recipe(ctx, amp=False)
         stage1, stage2 = self.stage_lengths(recipe)
         target, k, alpha = ctx.target, ctx.dataset.num_classes, cfg.alpha
 

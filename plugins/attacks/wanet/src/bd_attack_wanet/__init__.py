@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from bdbench import Attack, Paper, hookimpl
 from bdbench.components import ImageSet, PoisonedSet
 from bdbench.params import non_negative, param, positive
-from bdbench.training import Recipe, fit
+from bdbench.training import fit
 
 
 def warp_field(k: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -135,9 +135,7 @@ class WaNet(Attack):
         return transform
 
     def train(self, model, train: ImageSet, poisoned: PoisonedSet, ctx) -> None:
-        recipe = ctx.recipe if ctx.recipe is not None else Recipe()
-        if self.config.epochs is not None:  # the attacker controls training: its own length
-            recipe = attrs.evolve(recipe, epochs=self.config.epochs)
+        recipe = self.training_recipe(ctx)  # the attacker controls training: its own length
         transform = self.batch_transform(ctx.poison_ratio, ctx.target, ctx.dataset.num_classes,
                                          ctx.generator("wanet-noise"))
         fit(model, train, recipe, ctx, batch_transform=transform,
