@@ -52,6 +52,16 @@ def test_expansion_validates_dedupes_and_groups(session_plugins, tmp_path):
         load_spec(write(tmp_path, "[other]\nx = 1\n"))
 
 
+def test_defenses_without_clean_data_run_once_per_budget_axis(session_plugins):
+    g = expand(session_plugins, {"presets": ["smoke"], "defenses": ["ft", "clp", "burn", "none"], "spc": [2, 10],
+                                 "sources": ["seen", "brightness"], "calibrate": ["none", "gic"]})
+    by = {d: [e for e in g.experiments if e.defense == d] for d in ("ft", "clp", "burn", "none")}
+    assert len(by["ft"]) == 8
+    for name in ("clp", "burn", "none"):  # no clean data: spc, source and calibration do not apply
+        assert [(e.spc, e.clean_ratio, e.source, e.calibrate) for e in by[name]] == [(None, None, "seen", None)]
+    assert g.duplicates == 3 * 7
+
+
 def bdrun_grid(spec: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "BD_STRICT_PLUGINS": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "bdbench_cli", "grid", str(spec), "--out", str(out),

@@ -75,7 +75,12 @@ def plan(plugins: PluginSet, *, defense: str, preset: str = "quick", dataset: st
          defense_params: Mapping[str, Any] | None = None, model_params: Mapping[str, Any] | None = None,
          poison_ratio: float = 0.1, target: int = 0, seed: int = 0, spc: int | None = 100,
          clean_ratio: float | None = None, source: str = "seen", calibrate: str | None = None) -> Experiment:
-    """Validate the choices and build the :class:`Experiment` (nothing is loaded or trained)."""
+    """Validate the choices and build the :class:`Experiment` (nothing is loaded or trained).
+
+    A defense that takes no clean data (data-free, or given the poisoned training set) has no
+    data budget, source or calibration: they are validated, then recorded as null, so a grid
+    over ``spc`` runs such a defense once.
+    """
     p = get_preset(preset)
     dataset, model = dataset or p.dataset, model or p.model
     ds_cls = plugins.get("dataset", dataset).cls
@@ -92,6 +97,8 @@ def plan(plugins: PluginSet, *, defense: str, preset: str = "quick", dataset: st
     bddata.get_source(source)
     if calibrate not in (None, "none", *CALIBRATIONS):
         raise ParameterError(f"unknown calibration {calibrate!r} (known: none, {', '.join(CALIBRATIONS)})")
+    if "clean" not in defense_cls.needs:  # data-free, or the poisoned training set: no budget, source or calibration
+        spc, clean_ratio, source, calibrate = None, None, "seen", None
     mparams = dict(p.model_params) if model == p.model else {}
     mparams.update(model_params or {})
     return Experiment(
