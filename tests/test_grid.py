@@ -86,6 +86,7 @@ def test_killing_the_grid_loses_and_duplicates_nothing(tmp_path):
     table = read_results(out)
     keys = table.column("run_key").to_pylist()
     assert len(keys) == 4 and len(set(keys)) == 4
+    assert sum(pq.read_table(f).num_rows for f in out.rglob("*.parquet")) == 4  # no row written twice
     assert set(table.column("status").to_pylist()) == {"ok"}
     again = bdrun_grid(spec, out, cache, "--dry-run")
     assert "0 runs to do" in again.communicate(timeout=120)[0]

@@ -42,6 +42,24 @@ def test_rewriting_a_key_replaces_its_row_and_resume_skips_only_ok_rows(tmp_path
     assert results.read_results(tmp_path).num_rows == 2
 
 
+def test_compact_merges_every_file_and_a_later_rerun_wins(tmp_path):
+    results.write_row(row("a", status="failed", error="x", finished_at=datetime(2026, 1, 1, tzinfo=timezone.utc)),
+                      tmp_path)
+    results.write_row(row("b", dataset="cifar10"), tmp_path)
+    path, merged = results.compact(tmp_path)
+    assert merged == 2 and list(tmp_path.rglob("*.parquet")) == [path] and not (tmp_path / "cifar10").exists()
+    assert sorted(pd.read_parquet(tmp_path)["run_key"]) == ["a", "b"]
+    assert results.completed_keys(tmp_path) == {"b"}
+    results.write_row(row("a", finished_at=datetime(2026, 1, 2, tzinfo=timezone.utc)), tmp_path)  # rerun
+    table = results.read_results(tmp_path)
+    assert sorted(zip(table.column("run_key").to_pylist(), table.column("status").to_pylist())) == [
+        ("a", "ok"), ("b", "ok")]
+    results.compact(tmp_path)
+    assert pq.read_table(path).num_rows == 2 and len(list(tmp_path.rglob("*.parquet"))) == 1
+    with pytest.raises(FileNotFoundError, match="no result files"):
+        results.compact(tmp_path / "empty")
+
+
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken(table, where):
         Path(where).write_bytes(b"partial")

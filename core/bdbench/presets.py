@@ -2,6 +2,8 @@
 
 - ``smoke``: seconds on a CPU, for tests and CI (a Fashion-MNIST subset, a narrow small CNN);
 - ``quick``: the default, minutes on a CPU (Fashion-MNIST, the small CNN);
+- ``study``: the survey's whole protocol in hours on a CPU (a 10,000-image Fashion-MNIST subset,
+  a narrow small CNN; the grid adds the second model), ``docs/study``;
 - ``paper``: the survey's setting on a GPU (CIFAR-10, PreAct-ResNet18, BackdoorBench's recipe:
   100 epochs of SGD, lr 0.01, batch 128, cosine schedule, random crop and flip).
 
@@ -43,6 +45,11 @@ PRESETS: dict[str, Preset] = {
         recipe=Recipe(epochs=5, batch_size=128, lr=0.05, weight_decay=5e-4, schedule="cosine"),
         attack_floor=0.85,
         description="Fashion-MNIST, small CNN: minutes on a CPU (the default)"),
+    "study": Preset(
+        name="study", dataset="fashion-mnist", model="smallcnn", model_params={"width": 16},
+        recipe=Recipe(epochs=5, batch_size=64, lr=0.05, weight_decay=5e-4, schedule="cosine"),
+        train_subset=10000, test_subset=2000, attack_floor=0.8,
+        description="Fashion-MNIST subset, narrow small CNN: the survey's protocol in hours on a CPU (docs/study)"),
     "paper": Preset(
         name="paper", dataset="cifar10", model="preactresnet18",
         recipe=Recipe(epochs=100, batch_size=128, lr=0.01, weight_decay=5e-4, schedule="cosine",

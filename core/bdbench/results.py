@@ -108,11 +108,53 @@ def result_files(out_dir: Path | str) -> list[Path]:
 
 
 def read_results(out_dir: Path | str) -> pa.Table:
-    """Every row under ``out_dir`` as one table (empty table with the schema when none)."""
+    """Every run under ``out_dir`` as one table (empty table with the schema when none).
+
+    A run key found twice (a run repeated after :func:`compact` merged its first row) counts
+    once: the row that finished last.
+    """
     files = result_files(out_dir)
     if not files:
         return SCHEMA.empty_table()
-    return pa.concat_tables([_conform(pq.read_table(f)) for f in files])
+    return _latest(pa.concat_tables([_conform(pq.read_table(f)) for f in files]))
+
+
+def _latest(table: pa.Table) -> pa.Table:
+    keys = table.column("run_key").to_pylist()
+    if len(set(keys)) == len(keys):
+        return table
+    finished = table.column("finished_at").to_pylist()
+    best: dict[str, int] = {}
+    for i, (k, f) in enumerate(zip(keys, finished)):
+        j = best.get(k)
+        if j is None or (f is not None and (finished[j] is None or f >= finished[j])):
+            best[k] = i
+    return table.take(sorted(best.values()))
+
+
+def compact(out_dir: Path | str, name: str = "results.parquet") -> tuple[Path, int]:
+    """Merge every result file under ``out_dir`` into ``<out_dir>/<name>``; returns (path, files merged).
+
+    One file is easier to commit and share than one per run; :func:`read_results`, resume and
+    ``bdrun report`` read the folder as before. The merged file is written atomically before the
+    per-run files are removed, so an interruption loses nothing (a row left in both places counts
+    once).
+    """
+    root = Path(out_dir)
+    files = result_files(root)
+    target = root / name
+    if not files:
+        raise FileNotFoundError(f"no result files under {root}")
+    table = read_results(root)
+    meta = {b"bdbench.schema_version": SCHEMA_VERSION.encode(), b"bdbench.compacted": b"1"}
+    _atomic_write_table(table.replace_schema_metadata(meta), target)
+    for f in files:
+        if f != target:
+            f.unlink()
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    return target, len(files)
 
 
 def _conform(table: pa.Table) -> pa.Table:
