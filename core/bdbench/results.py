@@ -24,7 +24,7 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("error", pa.string(), "one-line error for a failed run, else null"),
     ("started_at", pa.timestamp("us", tz="UTC"), "run start (UTC)"),
     ("finished_at", pa.timestamp("us", tz="UTC"), "run end (UTC)"),
-    ("preset", pa.string(), "preset name (smoke, quick, paper)"),
+    ("preset", pa.string(), "preset name (smoke, quick, study, paper)"),
     ("dataset", pa.string(), "dataset component"),
     ("model", pa.string(), "model component"),
     ("model_params", pa.string(), "model parameters, canonical JSON"),
