@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from bdbench.errors import BdbenchError, ParameterError
+from bdbench.presets import PRESETS
 
 
 def _pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
@@ -62,7 +63,7 @@ def add_to(cli: click.Group) -> None:
     @cli.command("run")
     @click.option("--defense", required=True, help="Defense to run (see `bdrun list defenses`).")
     @click.option("--attack", default="badnets", show_default=True, help="Attack that backdoors the model.")
-    @click.option("--preset", type=click.Choice(["smoke", "quick", "paper"]), default="quick", show_default=True)
+    @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="quick", show_default=True)
     @click.option("--dataset", default=None, help="Dataset (default: the preset's).")
     @click.option("--model", default=None, help="Model architecture (default: the preset's).")
     @click.option("--poison-ratio", type=float, default=0.1, show_default=True)
