@@ -26,16 +26,20 @@ def test_fixed_point_matches_the_implicit_function_solution():
 
 def test_ibau_is_installed(plugins):
     assert plugins.get("defense", "ibau").distribution == "bd-defense-ibau"
-    assert IBAU.Config().perturbed_fraction == 1.0  # the paper's objective, not the official 1%
+    assert IBAU.Config().perturbed_fraction == 0.01  # the official code's (the survey's), not the paper's 1.0
+
+
+# Smoke preset, BadNets 10%, spc 100, defaults (about 15 s). Measured ASR / ACC before -> after:
+# seed 0: 0.996 -> 0.347 / 0.834 -> 0.827; seed 1: 0.991 -> 0.116 / 0.845 -> 0.834;
+# seed 2: 0.999 -> 0.075 / 0.858 -> 0.836. The paper's all-samples objective collapses accuracy
+# (module docstring).
+@pytest.fixture(scope="module")
+def smoke_row(smoke_run):
+    return smoke_run("ibau", attack="badnets", spc=100)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured seed 0, n_rounds 2: acc 0.834 -> 0.122, ASR 0.997 -> 0.0; "
-                   "the all-samples outer loss with delta at the L2 bound 10 collapses accuracy (open defect)")
-def test_ibau_erases_badnets_on_the_smoke_model(smoke_run):
-    # Smaller than the defaults: defaults (5 rounds of K=5 second-order steps) are several minutes on this shared CPU; 2 rounds.
-    # Floors provisional (see the xfail reason for the one measured seed).
-    row = smoke_run("ibau", attack="badnets", spc=100, defense_params={"n_rounds": 2})
-    assert row["status"] == "ok", row["error"]
-    assert row["asr_after"] <= 0.5 * row["asr_before"]
-    assert row["acc_after"] >= row["acc_before"] - 0.08
+def test_ibau_cuts_badnets_and_holds_accuracy_on_the_smoke_model(smoke_row):
+    assert smoke_row["status"] == "ok", smoke_row["error"]
+    assert smoke_row["asr_after"] <= 0.7 * smoke_row["asr_before"]
+    assert smoke_row["acc_after"] >= smoke_row["acc_before"] - 0.05
