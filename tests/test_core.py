@@ -12,7 +12,7 @@ from torch import nn
 from bdbench import data as bddata
 from bdbench.cache import TensorCache, load_checkpoint
 from bdbench.components import ImageSet, PoisonedSet, to_float
-from bdbench.errors import CacheError, ParameterError, ShapeError
+from bdbench.errors import BdbenchError, CacheError, ParameterError, ShapeError
 from bdbench.params import canonical_json, make_config, param, positive
 
 
@@ -260,3 +260,36 @@ def test_perturb_starts_where_asked_and_clips_only_when_asked(tiny_model):
     assert perturb(tiny_model, x, nothing, start="zero", **kw).abs().max() == 0
     rand = perturb(tiny_model, x, nothing, start="random", clip=False, generator=torch.Generator().manual_seed(0), **kw)
     assert rand.abs().max() <= 0.2 and rand.std() > 0.05
+
+
+def test_twice_differentiable_keeps_the_function_and_allows_double_backward():
+    from bdbench.nn import twice_differentiable
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Hardsigmoid(), nn.Linear(4, 1))
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="hardsigmoid"):
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        torch.autograd.grad(g.sum(), x)
+    with twice_differentiable(model):
+        assert not isinstance(model[1], nn.Hardsigmoid)
+        torch.testing.assert_close(model(x), nn.Sequential(model[0], nn.Hardsigmoid(), model[2])(x))
+        (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        (h,) = torch.autograd.grad(g.pow(2).sum(), x)
+        assert torch.isfinite(h).all()
+    assert isinstance(model[1], nn.Hardsigmoid)  # restored
+
+
+def test_pruned_batchnorm_channels_output_zero_and_live_in_the_state_dict():
+    from bdbench.pruning import prune_batchnorm_channels
+
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.bias.fill_(0.5)
+    prune_batchnorm_channels(bn, [1, 3])
+    out = bn(torch.randn(2, 4, 3, 3))
+    assert out[:, [1, 3]].abs().max() == 0 and out[:, [0, 2]].abs().max() > 0
+    fresh = nn.BatchNorm2d(4).eval()
+    fresh.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(fresh(torch.ones(1, 4, 2, 2))[:, [1, 3]], torch.zeros(1, 2, 2, 2))
+    with pytest.raises(BdbenchError, match="affine"):
+        prune_batchnorm_channels(nn.BatchNorm2d(4, affine=False), [0])

@@ -169,3 +169,27 @@ def clone(model: nn.Module) -> nn.Module:
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class _Hardsigmoid(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.relu6(x + 3) / 6
+
+
+@contextlib.contextmanager
+def twice_differentiable(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, ``model``'s Hardsigmoid modules are relu6(x + 3) / 6, which autograd can
+    differentiate twice (torch has no double backward for hardsigmoid; MobileNetV3's
+    squeeze-excitation uses it). The same function, so outputs do not change; restored on exit.
+    Second-order methods (i-BAU's hypergradient) run inside it."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Hardsigmoid):
+                setattr(parent, name, _Hardsigmoid())
+                swapped.append((parent, name, child))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)

@@ -2,7 +2,8 @@
 
 A :class:`ChannelMask` multiplies a module's output channels by a fixed 0/1 (or soft) vector
 through a forward hook, so pruned channels stay pruned while the rest of the network is
-fine-tuned. :func:`feature_module` finds the module whose output is the feature map the head
+fine-tuned. :func:`prune_batchnorm_channels` prunes a BatchNorm's output channels in its
+parameters (gamma = beta = 0), so the pruning is in the model's state dict. :func:`feature_module` finds the module whose output is the feature map the head
 reads (the last convolutional block's activation), on any timm-style model.
 """
 from __future__ import annotations
@@ -84,3 +85,17 @@ class ChannelMask:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+@torch.no_grad()
+def prune_batchnorm_channels(bn: nn.modules.batchnorm._BatchNorm, channels: torch.Tensor | list[int]) -> None:
+    """Zero the output of ``bn``'s ``channels`` for good: gamma_k = beta_k = 0 (BNP, CLP).
+
+    The same function as a 0 mask on the BN's output, but held in its parameters, so a saved
+    state dict carries it (no hook). Not for a BN that is trained afterwards.
+    """
+    if not bn.affine:
+        raise BdbenchError("pruning a BatchNorm channel needs an affine BatchNorm (gamma and beta)")
+    index = torch.as_tensor(channels, dtype=torch.int64, device=bn.weight.device)
+    bn.weight[index] = 0.0
+    bn.bias[index] = 0.0

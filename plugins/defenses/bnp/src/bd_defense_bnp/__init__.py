@@ -26,8 +26,8 @@ Fidelity notes:
   code); the per-layer standard deviation of the scores is unbiased as well.
 - Every BatchNorm2d is scored, including BNs fed by a residual sum (the statistic needs only the
   BN's input, as in the official code). A model without BatchNorm fails with a one-line error.
-- Pruning masks the BN's output channel (:class:`bdbench.pruning.ChannelMask`): gamma_k = beta_k
-  = 0, as BackdoorBench and the fork do; the official code zeroes gamma_k only, leaving beta_k.
+- Pruning sets gamma_k = beta_k = 0 (:func:`bdbench.pruning.prune_batchnorm_channels`, held in the
+  state dict), as BackdoorBench and the fork do; the official code zeroes gamma_k only, leaving beta_k.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from bdbench import Defense, Paper, hookimpl
 from bdbench.components import DefenseResult
 from bdbench.nn import batchnorms, require_batchnorm
 from bdbench.params import non_negative, param
-from bdbench.pruning import ChannelMask
+from bdbench.pruning import prune_batchnorm_channels
 from bdbench.training import batches
 
 
@@ -105,7 +105,7 @@ class BNP(Defense):
             index = (s > threshold).nonzero().flatten()
             total += len(s)
             if len(index):
-                ChannelMask(bn, len(s)).prune(index)
+                prune_batchnorm_channels(bn, index)
                 pruned[name] = index.tolist()
         return DefenseResult(model=model, diagnostics={
             "layers": len(bns), "channels": total,

@@ -22,8 +22,8 @@ Fidelity notes:
   not scored, and a model with no conv->BN pair fails with a one-line error.
 - sigma_k = sqrt(running_var_k + eps), what BN actually divides by; the official code omits eps
   (differs only for near-dead channels).
-- Pruning masks the BN's output channel (:class:`bdbench.pruning.ChannelMask`), i.e. gamma_k =
-  beta_k = 0 as in BackdoorBench. On a pre-activation ResNet the stem conv -> first-block BN pair
+- Pruning sets the BN's gamma_k = beta_k = 0 (:func:`bdbench.pruning.prune_batchnorm_channels`),
+  as in BackdoorBench, so the saved state dict carries it. On a pre-activation ResNet the stem conv -> first-block BN pair
   also feeds the identity shortcut with the raw conv output, which the mask does not cut: the
   pruned channel leaves the residual branch only.
 - The per-layer standard deviation is the unbiased estimator (torch's default, as the official
@@ -39,7 +39,7 @@ from bdbench.components import DefenseResult
 from bdbench.errors import BdbenchError
 from bdbench.nn import conv_bn_pairs
 from bdbench.params import non_negative, param
-from bdbench.pruning import ChannelMask
+from bdbench.pruning import prune_batchnorm_channels
 
 
 def uclc(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
@@ -76,7 +76,7 @@ class CLP(Defense):
             index = (lips > threshold).nonzero().flatten()
             total += len(lips)
             if len(index):
-                ChannelMask(bn, len(lips)).prune(index)
+                prune_batchnorm_channels(bn, index)
                 pruned[bn_name] = index.tolist()
         return DefenseResult(model=model, diagnostics={
             "pairs": [[c, b] for c, _, b, _ in pairs], "channels": total,

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from bdbench import Defense, Paper, hookimpl
 from bdbench.adversarial import universal
 from bdbench.components import DefenseResult, ImageSet
+from bdbench.nn import twice_differentiable
 from bdbench.params import fraction, non_negative, param, positive
 from bdbench.training import Recipe, fit, make_optimizer, predict
 
@@ -116,8 +117,9 @@ class IBAU(Defense):
                 (dH,) = torch.autograd.grad(H, d, retain_graph=True)
                 return H + (fixed_point(phi, d, dH, c.K).detach() * phi).sum()
 
-            fit(model, data.clean, recipe, ctx, loss_fn=hyper_loss, optimizer=opt, params=params,
-                description=f"ibau: round {r + 1}", stream=f"ibau-{r}")
+            with twice_differentiable(model):  # the hypergradient differentiates through d_delta G
+                fit(model, data.clean, recipe, ctx, loss_fn=hyper_loss, optimizer=opt, params=params,
+                    description=f"ibau: round {r + 1}", stream=f"ibau-{r}")
         return DefenseResult(model=model, diagnostics={"delta_l2": norms})
 
 
