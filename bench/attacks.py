@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 
+import attrs
 import torch
 
 from bdbench.context import Reporter
@@ -52,13 +53,17 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="bdbench-bench-")
     runner = Runner(plugins, out_dir=out, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix="bdbench-cache-"),
                     device=args.device, reporter=Reporter(enabled=False))
-    done = {r["run_key"]: r for r in read_results(out).to_pylist() if r["status"] in ("ok", "attack_failed")}
+    def key(r):  # the attacked model, whatever the defense half of the run key (rows of older plans count)
+        return r["preset"], r["attack"], r["attack_params"], r["poison_ratio"], r["seed"]
+
+    done = {key(r): r for r in read_results(out).to_pylist()
+            if r["status"] in ("ok", "attack_failed") and not r["attack_cached"]}
     rows = {}
     for attack in attacks:
         for seed in args.seeds:
             exp = plan(plugins, defense="none", attack=attack, preset=args.preset, seed=seed,
                        poison_ratio=args.poison_ratio, attack_params=params.get(attack))
-            row = done.get(exp.key()) or runner.run(exp, raise_errors=False)
+            row = done.get(key(attrs.asdict(exp))) or runner.run(exp, raise_errors=False)
             rows.setdefault(attack, []).append(row)
             print(f"{attack} seed {seed}: {row['status']} acc {row['acc_before']} asr {row['asr_before']} "
                   f"{row['attack_seconds'] or 0:.0f} s {row['error'] or ''}", flush=True)
