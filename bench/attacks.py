@@ -3,6 +3,7 @@
     python bench/attacks.py --preset quick --seeds 0 1 2
     python bench/attacks.py --preset quick --attacks badnets wanet --attack-param wanet:s=2
     python bench/attacks.py --out bench-out/attacks --cache-dir bench-out/cache   # resumable
+    python bench/attacks.py --out bench-out/attacks --report   # the table of what is there
 
 Every attacked model is trained from a cold cache (a temporary one unless --cache-dir is
 given; resources such as LF's clean model and SSBA's encoder are built once per cache and
@@ -15,6 +16,7 @@ under --out. ``none`` is the clean model trained with the same recipe.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 
 import attrs
@@ -26,6 +28,8 @@ from bdbench.plugins import make_plugin_manager
 from bdbench.results import read_results
 from bdbench.runner import Runner, plan
 
+DEFAULTS: dict[str, dict] = {}  # attack -> its Config defaults (to print only the changed parameters)
+
 
 def parse_params(items: list[str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
@@ -36,7 +40,32 @@ def parse_params(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
+def key(r) -> tuple:
+    """The attacked model a row measured, whatever the defense half of its run key."""
+    return r["preset"], r["attack"], r["attack_params"], r["poison_ratio"], r["seed"]
+
+
+def table(rows: dict[tuple[str, str], list[dict]]) -> None:
+    """One line per (attack, parameters): mean ± std over the seeds' rows."""
+    print("| attack | params | status | seeds | ACC | ASR | RA | train s | resource s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (attack, params), rs in rows.items():
+        status = "reference" if attack == "none" else ", ".join(sorted({r["status"] for r in rs}))
+        rs = [r for r in rs if r["attack_seconds"] is not None]
+        p = ", ".join(f"{k}={v}" for k, v in json.loads(params).items() if v != DEFAULTS[attack].get(k)) or "defaults"
+        if not rs:
+            print(f"| {attack} | {p} | {status} | 0 | | | | | |")
+            continue
+        train = [r["attack_seconds"] - (r["attack_prepare_seconds"] or 0) for r in rs]
+        prep = [r["attack_prepare_seconds"] for r in rs]
+        asr = "-" if attack == "none" else fmt([r["asr_before"] for r in rs])
+        ra = "-" if attack == "none" else fmt([r["ra_before"] for r in rs])
+        print(f"| {attack} | {p} | {status} | {len(rs)} | {fmt([r['acc_before'] for r in rs])} | {asr} | {ra} | "
+              f"{fmt(train, 1)} | {fmt(prep, 1)} |")
+
+
 def main() -> None:
+    global DEFAULTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -46,44 +75,34 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: print the table of every attacked model already under --out")
     args = ap.parse_args()
     plugins = make_plugin_manager(strict=True)
+    DEFAULTS = {i.name: attrs.asdict(i.cls.Config()) for i in plugins.list("attack")}
     attacks = args.attacks or ["none"] + [i.name for i in plugins.list("attack", exclude="none")]
     params = parse_params(args.attack_param)
     out = args.out or tempfile.mkdtemp(prefix="bdbench-bench-")
-    runner = Runner(plugins, out_dir=out, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix="bdbench-cache-"),
-                    device=args.device, reporter=Reporter(enabled=False))
-    def key(r):  # the attacked model, whatever the defense half of the run key (rows of older plans count)
-        return r["preset"], r["attack"], r["attack_params"], r["poison_ratio"], r["seed"]
-
     done = {key(r): r for r in read_results(out).to_pylist()
-            if r["status"] in ("ok", "attack_failed") and not r["attack_cached"]}
-    rows = {}
-    for attack in attacks:
-        for seed in args.seeds:
-            exp = plan(plugins, defense="none", attack=attack, preset=args.preset, seed=seed,
-                       poison_ratio=args.poison_ratio, attack_params=params.get(attack))
-            row = done.get(key(attrs.asdict(exp))) or runner.run(exp, raise_errors=False)
-            rows.setdefault(attack, []).append(row)
-            print(f"{attack} seed {seed}: {row['status']} acc {row['acc_before']} asr {row['asr_before']} "
-                  f"{row['attack_seconds'] or 0:.0f} s {row['error'] or ''}", flush=True)
-    print(f"\npreset `{args.preset}`, poison ratio {args.poison_ratio}, seeds {args.seeds}, device {args.device}, "
+            if r["status"] in ("ok", "attack_failed") and not r["attack_cached"] and r["preset"] == args.preset}
+    rows: dict[tuple[str, str], list[dict]] = {}
+    if args.report:
+        for k in sorted(done, key=lambda k: (k[1] != "none", k[1], k[2], k[4])):
+            rows.setdefault((k[1], k[2]), []).append(done[k])
+    else:
+        runner = Runner(plugins, out_dir=out, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix="bdbench-cache-"),
+                        device=args.device, reporter=Reporter(enabled=False))
+        for attack in attacks:
+            for seed in args.seeds:
+                exp = plan(plugins, defense="none", attack=attack, preset=args.preset, seed=seed,
+                           poison_ratio=args.poison_ratio, attack_params=params.get(attack))
+                row = done.get(key(attrs.asdict(exp))) or runner.run(exp, raise_errors=False)
+                rows.setdefault((attack, exp.attack_params), []).append(row)
+                print(f"{attack} seed {seed}: {row['status']} acc {row['acc_before']} asr {row['asr_before']} "
+                      f"{row['attack_seconds'] or 0:.0f} s {row['error'] or ''}", flush=True)
+    print(f"\npreset `{args.preset}`, poison ratio {args.poison_ratio}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| attack | params | status | ACC | ASR | RA | train s | resource s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for attack, rs in rows.items():
-        status = "reference" if attack == "none" else ", ".join(sorted({r["status"] for r in rs}))
-        rs = [r for r in rs if r["attack_seconds"] is not None]
-        if not rs:
-            print(f"| {attack} | | {status} | | | | | |")
-            continue
-        train = [r["attack_seconds"] - r["attack_prepare_seconds"] for r in rs]
-        prep = [r["attack_prepare_seconds"] for r in rs]
-        p = ", ".join(f"{k}={v}" for k, v in params.get(attack, {}).items()) or "defaults"
-        asr = "-" if attack == "none" else fmt([r["asr_before"] for r in rs])
-        ra = "-" if attack == "none" else fmt([r["ra_before"] for r in rs])
-        print(f"| {attack} | {p} | {status} | {fmt([r['acc_before'] for r in rs])} | {asr} | {ra} | "
-              f"{fmt(train, 1)} | {fmt(prep, 1)} |")
+    table(rows)
     print(f"\nrows: {out}")
 
 
