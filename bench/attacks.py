@@ -79,7 +79,7 @@ def main() -> None:
                     help="run nothing: print the table of every attacked model already under --out")
     args = ap.parse_args()
     plugins = make_plugin_manager(strict=True)
-    DEFAULTS = {i.name: attrs.asdict(i.cls.Config()) for i in plugins.list("attack")}
+    DEFAULTS = {i.name: json.loads(json.dumps(attrs.asdict(i.cls.Config()))) for i in plugins.list("attack")}
     attacks = args.attacks or ["none"] + [i.name for i in plugins.list("attack", exclude="none")]
     params = parse_params(args.attack_param)
     out = args.out or tempfile.mkdtemp(prefix="bdbench-bench-")
