@@ -28,8 +28,6 @@ from bdbench.plugins import make_plugin_manager
 from bdbench.results import read_results
 from bdbench.runner import Runner, plan
 
-DEFAULTS: dict[str, dict] = {}  # attack -> its Config defaults (to print only the changed parameters)
-
 
 def parse_params(items: list[str]) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
@@ -45,14 +43,15 @@ def key(r) -> tuple:
     return r["preset"], r["attack"], r["attack_params"], r["poison_ratio"], r["seed"]
 
 
-def table(rows: dict[tuple[str, str], list[dict]]) -> None:
-    """One line per (attack, parameters): mean ± std over the seeds' rows."""
+def table(rows: dict[tuple[str, str], list[dict]], defaults: dict[str, dict]) -> None:
+    """One line per (attack, parameters): mean ± std over the seeds' rows; only parameters that
+    differ from ``defaults`` (attack -> its config's defaults) are named."""
     print("| attack | params | status | seeds | ACC | ASR | RA | train s | resource s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (attack, params), rs in rows.items():
         status = "reference" if attack == "none" else ", ".join(sorted({r["status"] for r in rs}))
         rs = [r for r in rs if r["attack_seconds"] is not None]
-        p = ", ".join(f"{k}={v}" for k, v in json.loads(params).items() if v != DEFAULTS[attack].get(k)) or "defaults"
+        p = ", ".join(f"{k}={v}" for k, v in json.loads(params).items() if v != defaults[attack].get(k)) or "defaults"
         if not rs:
             print(f"| {attack} | {p} | {status} | 0 | | | | | |")
             continue
@@ -65,7 +64,6 @@ def table(rows: dict[tuple[str, str], list[dict]]) -> None:
 
 
 def main() -> None:
-    global DEFAULTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -79,7 +77,7 @@ def main() -> None:
                     help="run nothing: print the table of every attacked model already under --out")
     args = ap.parse_args()
     plugins = make_plugin_manager(strict=True)
-    DEFAULTS = {i.name: json.loads(json.dumps(attrs.asdict(i.cls.Config()))) for i in plugins.list("attack")}
+    defaults = {i.name: json.loads(json.dumps(attrs.asdict(i.cls.Config()))) for i in plugins.list("attack")}
     attacks = args.attacks or ["none"] + [i.name for i in plugins.list("attack", exclude="none")]
     params = parse_params(args.attack_param)
     out = args.out or tempfile.mkdtemp(prefix="bdbench-bench-")
@@ -102,7 +100,7 @@ def main() -> None:
                       f"{row['attack_seconds'] or 0:.0f} s {row['error'] or ''}", flush=True)
     print(f"\npreset `{args.preset}`, poison ratio {args.poison_ratio}, device {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    table(rows)
+    table(rows, defaults)
     print(f"\nrows: {out}")
 
 

@@ -58,7 +58,7 @@ def test_defenses_without_clean_data_run_once_per_budget_axis(session_plugins):
     by = {d: [e for e in g.experiments if e.defense == d] for d in ("ft", "clp", "burn", "none")}
     assert len(by["ft"]) == 8
     for name in ("clp", "burn", "none"):  # no clean data: spc, source and calibration do not apply
-        assert [(e.spc, e.clean_ratio, e.source, e.calibrate) for e in by[name]] == [(None, None, "seen", None)]
+        assert [(e.spc, e.clean_ratio, e.source, e.calibrate) for e in by[name]] == [(None, None, None, None)]
     assert g.duplicates == 3 * 7
 
 

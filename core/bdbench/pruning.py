@@ -3,8 +3,9 @@
 A :class:`ChannelMask` multiplies a module's output channels by a fixed 0/1 (or soft) vector
 through a forward hook, so pruned channels stay pruned while the rest of the network is
 fine-tuned. :func:`prune_batchnorm_channels` prunes a BatchNorm's output channels in its
-parameters (gamma = beta = 0), so the pruning is in the model's state dict. :func:`feature_module` finds the module whose output is the feature map the head
-reads (the last convolutional block's activation), on any timm-style model.
+parameters (gamma = beta = 0), so the pruning is in the model's state dict.
+:func:`feature_module` finds the module whose output is the feature map the head reads (the
+last convolutional block's activation), on any timm-style model.
 """
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("defense_params", pa.string(), "defense parameters as used, canonical JSON"),
     ("spc", pa.int64(), "defender budget in samples per class (null when clean_ratio is used)"),
     ("clean_ratio", pa.float64(), "defender budget as a fraction of the training set (null when spc is used)"),
-    ("source", pa.string(), "auxiliary-data source (seen, reserved, brightness, ...)"),
+    ("source", pa.string(), "auxiliary-data source (seen, reserved, brightness, ...); null when the defense "
+     "takes no clean data"),
     ("calibrate", pa.string(), "input calibration applied to the defender's data (null: none)"),
     ("defense_needs", pa.string(), "what the defense was given, comma-separated (clean, trigger_oracle, ...)"),
     ("clean_count", pa.int64(), "defender's clean training samples"),

@@ -59,7 +59,7 @@ class Experiment:
     defense_params: str
     spc: int | None
     clean_ratio: float | None
-    source: str
+    source: str | None  # None: the defense takes no clean data
     calibrate: str | None = None
 
     def key(self) -> str:
@@ -98,7 +98,7 @@ def plan(plugins: PluginSet, *, defense: str, preset: str = "quick", dataset: st
     if calibrate not in (None, "none", *CALIBRATIONS):
         raise ParameterError(f"unknown calibration {calibrate!r} (known: none, {', '.join(CALIBRATIONS)})")
     if "clean" not in defense_cls.needs:  # data-free, or the poisoned training set: no budget, source or calibration
-        spc, clean_ratio, source, calibrate = None, None, "seen", None
+        spc, clean_ratio, source, calibrate = None, None, None, None
     mparams = dict(p.model_params) if model == p.model else {}
     mparams.update(model_params or {})
     return Experiment(
