@@ -9,7 +9,8 @@ survey's fine-tuning baseline (Dunnett et al., arXiv:2411.11200, section IV-A):
 Fidelity notes:
 - Defaults are BackdoorBench's (``config/defense/ft``), kept by the survey's fork: 100 epochs,
   SGD lr 0.01, momentum 0.9, weight decay 5e-4, cosine schedule, batch 256, random crop and
-  (natural images only) horizontal flip. The CPU presets cap ``epochs`` (recorded in the row).
+  (natural images only) horizontal flip. Every preset runs them as they are; ``epochs`` is a
+  parameter, recorded in the row.
 - BatchNorm running statistics are updated (train mode), as in the reference; at spc 2 they
   follow a handful of images.
 - No test-set evaluation or checkpoint selection ("valid_max" in BackdoorBench is an oracle).
