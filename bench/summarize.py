@@ -29,6 +29,15 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def sort_key(value) -> tuple:
+    """Numbers in numeric order (spc 2 before 10 before 100), then text; missing values first."""
+    if value is None:
+        return (0, 0, "")
+    if isinstance(value, (int, float)):
+        return (1, value, "")
+    return (2, 0, str(value))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results")
@@ -45,7 +54,7 @@ def main() -> None:
             groups[key].append(r)
         else:
             failed[key] += 1
-    keys = sorted(set(groups) | set(failed), key=lambda k: tuple(str(v) for v in k))
+    keys = sorted(set(groups) | set(failed), key=lambda k: tuple(sort_key(v) for v in k))
     print("| " + " | ".join(by + ["runs"] + metrics + ["not ok"]) + " |")
     print("|" + "---|" * (len(by) + len(metrics) + 2))
     for key in keys:
