@@ -1,6 +1,7 @@
 """Grids: expansion, resume, kill-and-rerun safety, and Ray against the in-process executor."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -108,3 +109,41 @@ def test_ray_executor_matches_the_in_process_run(session_plugins, tmp_path):
         for col in ("acc_before", "asr_before", "acc_after", "asr_after"):
             assert there[key][col] == pytest.approx(row[col], abs=0.02), col
     assert read_results(tmp_path / "b").num_rows == 4
+
+
+def test_shards_partition_the_grid(session_plugins):
+    from bdbench.grid import parse_shard
+
+    g = expand(session_plugins, {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["ft", "fp"],
+                                 "spc": [2, 10], "seeds": [0, 1]})
+    shards = [g.shard(k, 3).experiments for k in range(3)]
+    keys = [e.key() for shard in shards for e in shard]
+    assert sorted(keys) == sorted(e.key() for e in g.experiments) and len(set(keys)) == len(keys)
+    for shard in shards:  # each shard keeps the grid's order, so it loads each attacked model once
+        ids = [json.dumps(e.attack_half(), sort_keys=True) for e in shard]
+        assert ids == sorted(ids)
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "a/2", "1", "-1/2", "0/0"):
+        with pytest.raises(ParameterError, match="--shard"):
+            parse_shard(bad)
+
+
+@pytest.mark.slow
+def test_concurrent_shards_share_one_results_folder(tmp_path):
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    models = tmp_path / "models.toml"  # train the attacked models first, as the docs say
+    models.write_text(SPEC.replace('"none", "ft"', '"none"'))
+    spec = write(tmp_path)
+    first = bdrun_grid(models, out, cache)
+    first.communicate(timeout=600)
+    assert first.returncode == 0
+    shards = [bdrun_grid(spec, out, cache, "--shard", f"{k}/2") for k in range(2)]
+    outputs = [p.communicate(timeout=600) for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], [o[1][-2000:] for o in outputs]
+    assert all("shard" in o[0] for o in outputs)
+    table = read_results(out)
+    assert sorted(table.column("status").to_pylist()) == ["ok"] * 4
+    assert sum(pq.read_table(f).num_rows for f in out.rglob("*.parquet")) == 4
+    assert "0 runs to do" in bdrun_grid(spec, out, cache, "--dry-run").communicate(timeout=120)[0]
+    bad = bdrun_grid(spec, out, cache, "--shard", "2/2", "--dry-run").communicate(timeout=120)[1]
+    assert bad.strip().splitlines() == ["bdrun: error: --shard '2/2': expected K/N with 0 <= K < N"]

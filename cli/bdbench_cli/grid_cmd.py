@@ -21,10 +21,12 @@ def add_to(cli: click.Group) -> None:
     @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
     @click.option("--device", default="auto", show_default=True)
     @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+    @click.option("--shard", default=None, metavar="K/N",
+                  help="Run only every N-th run from K (0-based): processes or array tasks sharing --out split the grid.")
     @click.pass_context
     def grid(ctx: click.Context, spec: Path, dry_run: bool, executor: str, address: str | None, workers: int | None,
              cpus_per_task: float, gpus_per_task: float, out: Path, cache_dir: Path | None, device: str,
-             data_dir: Path | None) -> None:
+             data_dir: Path | None, shard: str | None) -> None:
         """Run the product of the axes in SPEC's [grid] table; rerunning resumes.
 
         Keys already in --out with status ok are skipped; each attacked model is trained once;
@@ -32,16 +34,18 @@ def add_to(cli: click.Group) -> None:
         """
         from bdbench.cache import default_cache_dir
         from bdbench.context import Reporter
-        from bdbench.grid import estimate_seconds, expand, load_spec, run_in_process, run_ray
+        from bdbench.grid import estimate_seconds, expand, load_spec, parse_shard, run_in_process, run_ray
         from bdbench.results import read_results
         from bdbench_cli.main import State
         from bdbench_cli.run_cmd import resolve_device
 
         plugins = ctx.find_object(State).plugins
         g = expand(plugins, load_spec(spec), out)
+        if shard is not None:
+            g = g.shard(*parse_shard(shard))
         history = read_results(out).to_pylist()
         estimate = estimate_seconds(g, history)
-        click.echo(f"{len(g.experiments)} runs to do on {len(g.groups())} attacked models "
+        click.echo((f"shard {shard}: " if shard else "") + f"{len(g.experiments)} runs to do on {len(g.groups())} attacked models "
                    f"({g.skipped} already done, {g.duplicates} duplicates dropped); estimate: "
                    + (f"{estimate / 60:.1f} min in one process" if estimate is not None else "unknown (no earlier rows)"))
         if dry_run or not g.experiments:

@@ -49,6 +49,18 @@ class Grid:
     skipped: int  # already in the results with status ok
     duplicates: int
 
+    def shard(self, index: int, count: int) -> "Grid":
+        """Every ``count``-th run from ``index`` (0-based), in order: independent processes or
+        Slurm array tasks with the same ``--out`` and ``--cache-dir`` split the grid between them.
+
+        Runs are sorted by attacked model, so a shard still loads each of its models once; train
+        the attacked models first (the same grid with ``defenses = ["none"]``) so that no two
+        shards train the same one.
+        """
+        if not 0 <= index < count:
+            raise ParameterError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+        return attrs.evolve(self, experiments=self.experiments[index::count])
+
     def groups(self) -> list[list[Experiment]]:
         """Runs that share an attacked model, in order."""
         out: dict[str, list[Experiment]] = {}
@@ -61,6 +73,17 @@ def _attack_id(exp: Experiment) -> str:
     import json
 
     return json.dumps(exp.attack_half(), sort_keys=True)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N): shard K (0-based) of N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ParameterError(f"--shard {text!r}: expected K/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ParameterError(f"--shard {text!r}: expected K/N with 0 <= K < N")
+    return index, count
 
 
 def load_spec(path: Path | str) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""Run grid files as concurrent shards on one machine (many cores, or one GPU shared by workers).
+
+    python bench/parallel.py --workers 14 --device cuda --cache-dir C --data-dir D --stop-after 480 \\
+        bench/grids/defenses-quick.toml:bench-out/defenses bench/grids/study.toml:bench-out/study
+
+Each GRID:OUT pair is a grid file and its results folder, in priority order. First every
+attacked model of every grid is trained once (the grids with ``defenses = ["none"]``,
+sharded), so no two workers train the same model; then worker K runs shard K/N of each grid
+in turn (``bdrun grid --shard``). At ``--stop-after`` seconds every worker is interrupted as
+Ctrl-C would (finished runs stay, the rest resumes on the next call). Nothing here is needed
+for a single machine's grid: ``bdrun grid`` alone does that; this is the same command,
+started N times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise ValueError(f"unsupported grid value {v!r}")
+
+
+def none_spec(grid: Path, folder: Path) -> Path:
+    """The grid with its defenses replaced by ``none``: one run per attacked model."""
+    spec = tomllib.loads(grid.read_text())["grid"]
+    drop = ("defenses", "spc", "clean_ratios", "sources", "calibrate", "defense_params")
+    lines = ["[grid]"] + [f"{k} = {toml_value(v)}" for k, v in spec.items()
+                          if k not in drop and not isinstance(v, dict)]
+    lines.append('defenses = ["none"]')
+    for table in ("attack_params", "model_params"):
+        for name, params in spec.get(table, {}).items():
+            lines.append(f"[grid.{table}.{name}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in params.items()]
+    path = folder / f"none-{grid.stem}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pairs", nargs="+", metavar="GRID:OUT")
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--cache-dir", required=True)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--stop-after", type=float, default=None, help="seconds; then interrupt every worker")
+    ap.add_argument("--log-dir", default=None)
+    args = ap.parse_args()
+    pairs = [(Path(g), Path(o)) for g, o in (p.split(":", 1) for p in args.pairs)]
+    tmp = Path(tempfile.mkdtemp(prefix="bdbench-parallel-"))
+    logs = Path(args.log_dir) if args.log_dir else tmp
+    logs.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.stop_after if args.stop_after else None
+    common = ["--cache-dir", args.cache_dir, "--device", args.device]
+    if args.data_dir:
+        common += ["--data-dir", args.data_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def phase(name: str, work: list[tuple[Path, Path]]) -> bool:
+        """Worker K runs shard K/N of each (spec, out) in turn; False if the deadline cut it."""
+        commands = [[sys.executable, "-m", "bdbench_cli", "grid", str(spec), "--out", str(out), *common, "--shard"]
+                    for spec, out in work]
+        queues = [[c + [f"{k}/{args.workers}"] for c in commands] for k in range(args.workers)]
+        logs_k = [open(logs / f"{name}-{k}.log", "w") for k in range(args.workers)]
+        running: dict[int, subprocess.Popen] = {}
+        start = time.monotonic()
+        while True:
+            for k, queue in enumerate(queues):  # start each idle worker's next grid
+                if (k not in running or running[k].poll() is not None) and queue:
+                    running[k] = subprocess.Popen(queue.pop(0), stdout=logs_k[k], stderr=subprocess.STDOUT, env=env)
+            if not any(queues) and all(p.poll() is not None for p in running.values()):
+                print(f"{name}: {time.monotonic() - start:.0f} s", flush=True)
+                return True
+            if deadline is not None and time.monotonic() > deadline:
+                alive = [p for p in running.values() if p.poll() is None]
+                for p in alive:  # Ctrl-C to every worker at once: finished runs stay, the rest resumes
+                    p.send_signal(signal.SIGINT)
+                grace = time.monotonic() + 20
+                while any(p.poll() is None for p in alive) and time.monotonic() < grace:
+                    time.sleep(0.5)
+                for p in alive:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                print(f"{name}: stopped at the deadline after {time.monotonic() - start:.0f} s", flush=True)
+                return False
+            time.sleep(1)
+
+    if phase("models", [(none_spec(g, tmp), o) for g, o in pairs]):
+        phase("defenses", pairs)
+
+
+if __name__ == "__main__":
+    main()
