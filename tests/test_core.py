@@ -262,6 +262,25 @@ def test_perturb_starts_where_asked_and_clips_only_when_asked(tiny_model):
     assert rand.abs().max() <= 0.2 and rand.std() > 0.05
 
 
+def test_perturb_stops_when_asked_before_the_step(tiny_model):
+    from bdbench.adversarial import perturb
+
+    x = torch.full((2, 1, 16, 16), 0.5)
+    calls = []
+
+    def loss(m, xa):
+        calls.append(1)
+        return xa.sum() + 0 * m(xa).sum()
+
+    kw = dict(eps=0.2, step_size=0.05, steps=5, start="zero")
+    for optimizer in ("sign", "adam"):
+        calls.clear()
+        assert perturb(tiny_model, x, loss, stop=lambda: len(calls) == 1, optimizer=optimizer, **kw).abs().max() == 0
+        calls.clear()
+        moved = perturb(tiny_model, x, loss, stop=lambda: len(calls) == 3, optimizer=optimizer, **kw)
+        assert len(calls) == 3 and 0 < moved.abs().max() <= 0.2  # two steps taken, then stopped
+
+
 def test_twice_differentiable_keeps_the_function_and_allows_double_backward():
     from bdbench.nn import twice_differentiable
 

@@ -54,7 +54,7 @@ def _step(grad: torch.Tensor, step_size: float, norm: Norm) -> torch.Tensor:
 def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: float, step_size: float, steps: int,
             norm: Norm = "linf", random_start: bool = True, generator: torch.Generator | None = None,
             optimizer: Literal["sign", "adam"] = "sign", start: Literal["random", "zero", "max"] | None = None,
-            clip: bool = True) -> torch.Tensor:
+            clip: bool = True, stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """delta within the ``eps`` ball maximising ``objective(model, x + delta)`` by projected ascent.
 
     ``optimizer="sign"`` takes PGD steps of ``step_size`` (the sign of the gradient under L-inf);
@@ -62,6 +62,8 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
     begins: ``"random"`` (uniform in the ball), ``"zero"``, or ``"max"`` (+eps in every pixel,
     SAU's reference); None follows ``random_start``. With ``clip`` (the default) x + delta stays
     in [0, 1]; without it only the ball constrains delta (SAU's reference does not clip).
+    ``stop``, asked after each evaluation of the objective and before its step, ends the ascent
+    early (an objective whose gradient has vanished, e.g. SAU once every sample is shared).
     Parameters of ``model`` get no gradient; the model's mode (train/eval) is left as it is.
     """
     if norm == "l1" and optimizer == "sign":
@@ -85,7 +87,10 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
             adam = torch.optim.Adam([delta], lr=step_size)
             for _ in range(steps):
                 adam.zero_grad(set_to_none=True)
-                (-objective(model, x + delta)).backward()
+                loss = objective(model, x + delta)
+                if stop is not None and stop():
+                    break
+                (-loss).backward()
                 adam.step()
                 with torch.no_grad():
                     delta.copy_(_project(delta, x, eps, norm, clip))
@@ -93,6 +98,8 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
             for _ in range(steps):
                 delta.requires_grad_(True)
                 loss = objective(model, x + delta)
+                if stop is not None and stop():
+                    break
                 (grad,) = torch.autograd.grad(loss, delta)
                 delta = _project(delta.detach() + _step(grad, step_size, norm), x, eps, norm, clip)
     finally:

@@ -30,9 +30,9 @@ Fidelity notes:
   our models normalise inside. As in the reference, PGD starts at +eps in every pixel
   (``start="max"``) and x + delta is not clipped to [0, 1] (``clip=false``: the reference
   comments that clipping "is not necessary"); both are parameters of the shared primitive
-  :func:`bdbench.adversarial.perturb`. The reference stops PGD early once every sample is
-  shared; here shared samples simply get a zero gradient (both of their loss terms are masked
-  out), so they stay put, as they would.
+  :func:`bdbench.adversarial.perturb`. As in the reference, PGD stops early once every sample
+  of the batch is shared (then every loss term is masked out and delta could not move); a
+  shared sample in a batch that goes on gets a zero gradient and stays put, as it would.
 - The set P is the reference code's ("the reference model is fooled"), not the paper's
   "shared and wrong"; the survey measured the code. -log(1 - p) is computed stably as
   -logsumexp_{k != y0} log p_k instead of the reference's clamped average of two equal terms.
@@ -101,35 +101,39 @@ class SAU(Defense):
         train_mode: bool = param(False, source=f"{REF} (--train_mode, off: BN frozen)",
                                  help="BatchNorm in train mode for the unlearning pass")
 
-    def shared_adversarial(self, model, reference, x: torch.Tensor, y: torch.Tensor, generator) -> torch.Tensor:
+    def shared_adversarial(self, model, reference, x: torch.Tensor, y: torch.Tensor, generator,
+                           stats: dict[str, int]) -> torch.Tensor:
         """Step 1: delta minimising beta_1 L_adv + beta_2 L_share (PGD ascent on its negative)."""
         c = self.config
         with torch.no_grad():
             clean_pred, clean_pred_ref = model(x).argmax(1), reference(x).argmax(1)
         n = len(x)
+        all_shared = [False]
 
         def objective(m, x_adv):
             logits, logits_ref = m(x_adv), reference(x_adv)
             pred, pred_ref = logits.argmax(1), logits_ref.argmax(1)
             fooled, fooled_ref = pred != clean_pred, pred_ref != clean_pred_ref
             shared = fooled & fooled_ref & (pred == pred_ref)
+            all_shared[0] = bool(shared.all())
+            stats["pgd_evaluations"] += 1
             ce, ce_ref = F.cross_entropy(logits, y, reduction="none"), F.cross_entropy(logits_ref, y, reduction="none")
             l_adv = -((ce * ~fooled).sum() + (ce_ref * ~fooled_ref).sum()) / (2 * n)
             l_share = (js_divergence(logits.softmax(1), logits_ref.softmax(1)) * ~shared).sum() / n
             return -(c.beta_1 * l_adv + c.beta_2 * l_share)
 
         return perturb(model, x, objective, eps=c.eps, step_size=c.adv_lr, steps=c.adv_steps, norm="linf",
-                       generator=generator, start=c.start, clip=c.clip)
+                       generator=generator, start=c.start, clip=c.clip, stop=lambda: all_shared[0])
 
     def purify(self, model, data, ctx) -> DefenseResult:
         c = self.config
         reference = clone(model).to(ctx.device).eval().requires_grad_(False)  # h_theta0, frozen
         generator = ctx.generator("sau: pgd")
-        stats = {"batches": 0, "shared": 0, "reference_fooled": 0, "samples": 0}
+        stats = {"batches": 0, "shared": 0, "reference_fooled": 0, "samples": 0, "pgd_evaluations": 0}
 
         def loss_fn(model, x, y):
             model.eval()
-            delta = self.shared_adversarial(model, reference, x, y, generator)
+            delta = self.shared_adversarial(model, reference, x, y, generator, stats)
             x_adv = (x + delta).detach()
             with torch.no_grad():
                 logits_ref, clean_pred_ref = reference(x_adv), reference(x).argmax(1)
@@ -152,7 +156,8 @@ class SAU(Defense):
         fit(model, data.clean, recipe, ctx, loss_fn=loss_fn, description="sau: shared adversarial unlearning")
         n = max(stats["samples"], 1)
         return DefenseResult(model=model, diagnostics={
-            "shared_fraction": stats["shared"] / n, "reference_fooled_fraction": stats["reference_fooled"] / n})
+            "shared_fraction": stats["shared"] / n, "reference_fooled_fraction": stats["reference_fooled"] / n,
+            "pgd_evaluations_per_batch": stats["pgd_evaluations"] / max(stats["batches"], 1)})
 
 
 @hookimpl
