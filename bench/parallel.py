@@ -4,8 +4,8 @@
         bench/grids/defenses-quick.toml:bench-out/defenses bench/grids/study.toml:bench-out/study
 
 Each GRID:OUT pair is a grid file and its results folder, in priority order. First every
-attacked model of every grid is trained once (the grids with ``defenses = ["none"]``,
-sharded), so no two workers train the same model; then worker K runs shard K/N of each grid
+attacked model of every grid is trained once (``bdrun grid --models-only``, sharded), so
+no two workers train the same model; then worker K runs shard K/N of each grid
 in turn (``bdrun grid --shard``). At ``--stop-after`` seconds every worker is interrupted as
 Ctrl-C would (finished runs stay, the rest resumes on the next call). Nothing here is needed
 for a single machine's grid: ``bdrun grid`` alone does that; this is the same command,
@@ -20,36 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
-
-
-def toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    raise ValueError(f"unsupported grid value {v!r}")
-
-
-def none_spec(grid: Path, folder: Path) -> Path:
-    """The grid with its defenses replaced by ``none``: one run per attacked model."""
-    spec = tomllib.loads(grid.read_text())["grid"]
-    drop = ("defenses", "spc", "clean_ratios", "sources", "calibrate", "defense_params")
-    lines = ["[grid]"] + [f"{k} = {toml_value(v)}" for k, v in spec.items()
-                          if k not in drop and not isinstance(v, dict)]
-    lines.append('defenses = ["none"]')
-    for table in ("attack_params", "model_params"):
-        for name, params in spec.get(table, {}).items():
-            lines.append(f"[grid.{table}.{name}]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in params.items()]
-    path = folder / f"none-{grid.stem}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def main() -> None:
@@ -63,8 +34,7 @@ def main() -> None:
     ap.add_argument("--log-dir", default=None)
     args = ap.parse_args()
     pairs = [(Path(g), Path(o)) for g, o in (p.split(":", 1) for p in args.pairs)]
-    tmp = Path(tempfile.mkdtemp(prefix="bdbench-parallel-"))
-    logs = Path(args.log_dir) if args.log_dir else tmp
+    logs = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="bdbench-parallel-"))
     logs.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.stop_after if args.stop_after else None
     common = ["--cache-dir", args.cache_dir, "--device", args.device]
@@ -72,10 +42,10 @@ def main() -> None:
         common += ["--data-dir", args.data_dir]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-    def phase(name: str, work: list[tuple[Path, Path]]) -> bool:
-        """Worker K runs shard K/N of each (spec, out) in turn; False if the deadline cut it."""
-        commands = [[sys.executable, "-m", "bdbench_cli", "grid", str(spec), "--out", str(out), *common, "--shard"]
-                    for spec, out in work]
+    def phase(name: str, extra: list[str]) -> bool:
+        """Worker K runs shard K/N of each grid in turn; False if the deadline cut it."""
+        commands = [[sys.executable, "-m", "bdbench_cli", "grid", str(spec), "--out", str(out), *common, *extra,
+                     "--shard"] for spec, out in pairs]
         queues = [[c + [f"{k}/{args.workers}"] for c in commands] for k in range(args.workers)]
         logs_k = [open(logs / f"{name}-{k}.log", "w") for k in range(args.workers)]
         running: dict[int, subprocess.Popen] = {}
@@ -86,7 +56,8 @@ def main() -> None:
                     running[k] = subprocess.Popen(queue.pop(0), stdout=logs_k[k], stderr=subprocess.STDOUT, env=env)
             if not any(queues) and all(p.poll() is not None for p in running.values()):
                 print(f"{name}: {time.monotonic() - start:.0f} s", flush=True)
-                return True
+                finished = True
+                break
             if deadline is not None and time.monotonic() > deadline:
                 alive = [p for p in running.values() if p.poll() is None]
                 for p in alive:  # Ctrl-C to every worker at once: finished runs stay, the rest resumes
@@ -99,11 +70,15 @@ def main() -> None:
                         p.kill()
                         p.wait()
                 print(f"{name}: stopped at the deadline after {time.monotonic() - start:.0f} s", flush=True)
-                return False
+                finished = False
+                break
             time.sleep(1)
+        for log in logs_k:
+            log.close()
+        return finished
 
-    if phase("models", [(none_spec(g, tmp), o) for g, o in pairs]):
-        phase("defenses", pairs)
+    if phase("models", ["--models-only"]):
+        phase("runs", [])
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ def test_shards_partition_the_grid(session_plugins):
     for shard in shards:  # each shard keeps the grid's order, so it loads each attacked model once
         ids = [json.dumps(e.attack_half(), sort_keys=True) for e in shard]
         assert ids == sorted(ids)
+    models = expand(session_plugins, {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["ft", "fp"],
+                                      "spc": [2, 10], "seeds": [0, 1]}, models_only=True)
+    alone = expand(session_plugins, {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["none"],
+                                     "seeds": [0, 1]})
+    assert sorted(e.key() for e in models.experiments) == sorted(e.key() for e in alone.experiments)
+    assert len(models.experiments) == len(g.groups()) == 4
     assert parse_shard("2/3") == (2, 3)
     for bad in ("3/3", "a/2", "1", "-1/2", "0/0"):
         with pytest.raises(ParameterError, match="--shard"):
@@ -130,11 +136,8 @@ def test_shards_partition_the_grid(session_plugins):
 
 @pytest.mark.slow
 def test_concurrent_shards_share_one_results_folder(tmp_path):
-    out, cache = tmp_path / "results", tmp_path / "cache"
-    models = tmp_path / "models.toml"  # train the attacked models first, as the docs say
-    models.write_text(SPEC.replace('"none", "ft"', '"none"'))
-    spec = write(tmp_path)
-    first = bdrun_grid(models, out, cache)
+    spec, out, cache = write(tmp_path), tmp_path / "results", tmp_path / "cache"
+    first = bdrun_grid(spec, out, cache, "--models-only")  # train the attacked models first, as the docs say
     first.communicate(timeout=600)
     assert first.returncode == 0
     shards = [bdrun_grid(spec, out, cache, "--shard", f"{k}/2") for k in range(2)]

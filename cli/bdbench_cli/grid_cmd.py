@@ -23,10 +23,12 @@ def add_to(cli: click.Group) -> None:
     @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
     @click.option("--shard", default=None, metavar="K/N",
                   help="Run only every N-th run from K (0-based): processes or array tasks sharing --out split the grid.")
+    @click.option("--models-only", is_flag=True,
+                  help="Only train and cache the grid's attacked models (one 'none' run each), e.g. before shards.")
     @click.pass_context
     def grid(ctx: click.Context, spec: Path, dry_run: bool, executor: str, address: str | None, workers: int | None,
              cpus_per_task: float, gpus_per_task: float, out: Path, cache_dir: Path | None, device: str,
-             data_dir: Path | None, shard: str | None) -> None:
+             data_dir: Path | None, shard: str | None, models_only: bool) -> None:
         """Run the product of the axes in SPEC's [grid] table; rerunning resumes.
 
         Keys already in --out with status ok are skipped; each attacked model is trained once;
@@ -40,7 +42,7 @@ def add_to(cli: click.Group) -> None:
         from bdbench_cli.run_cmd import resolve_device
 
         plugins = ctx.find_object(State).plugins
-        g = expand(plugins, load_spec(spec), out)
+        g = expand(plugins, load_spec(spec), out, models_only=models_only)
         if shard is not None:
             g = g.shard(*parse_shard(shard))
         history = read_results(out).to_pylist()

@@ -54,8 +54,8 @@ class Grid:
         Slurm array tasks with the same ``--out`` and ``--cache-dir`` split the grid between them.
 
         Runs are sorted by attacked model, so a shard still loads each of its models once; train
-        the attacked models first (the same grid with ``defenses = ["none"]``) so that no two
-        shards train the same one.
+        the attacked models first (``expand(..., models_only=True)``, ``bdrun grid --models-only``)
+        so that no two shards train the same one.
         """
         if not 0 <= index < count:
             raise ParameterError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
@@ -99,8 +99,13 @@ def load_spec(path: Path | str) -> dict[str, Any]:
     return spec["grid"]
 
 
-def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None = None) -> Grid:
-    """Validate and expand ``spec`` (the ``[grid]`` table) into experiments."""
+def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None = None, *,
+           models_only: bool = False) -> Grid:
+    """Validate and expand ``spec`` (the ``[grid]`` table) into experiments.
+
+    ``models_only``: one ``none`` run per attacked model instead, which trains and caches every
+    model of the grid (then shards of the full grid never train the same model twice).
+    """
     unknown = set(spec) - set(AXES) - set(PARAM_TABLES)
     if unknown:
         raise ParameterError(f"grid: unknown key {sorted(unknown)[0]!r} (axes: {', '.join(AXES)}; "
@@ -133,6 +138,15 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
         if exp.key() in seen:
             duplicates += 1
         seen[exp.key()] = exp
+    if models_only:
+        none = plan(plugins, defense="none")
+        first: dict[str, Experiment] = {}
+        for exp in seen.values():
+            first.setdefault(_attack_id(exp), exp)
+        seen = {e.key(): e for e in (attrs.evolve(exp, defense="none", defense_params=none.defense_params, spc=None,
+                                                  clean_ratio=None, source=None, calibrate=None)
+                                     for exp in first.values())}
+        duplicates = 0
     done = completed_keys(out_dir) if out_dir is not None else set()
     todo = [e for k, e in seen.items() if k not in done]
     todo.sort(key=_attack_id)  # runs sharing an attacked model run back to back
