@@ -40,8 +40,9 @@ def _third_party_view(dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory):
     folder = tmp_path_factory.mktemp("wheels")
-    subprocess.run(["bash", str(ROOT / "scripts" / "build-wheels.sh"), str(folder)], check=True,
-                   capture_output=True)
+    built = subprocess.run(["bash", str(ROOT / "scripts" / "build-wheels.sh"), str(folder)], capture_output=True,
+                           text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert built.returncode == 0, built.stderr[-3000:]
     return folder
 
 
