@@ -55,12 +55,19 @@ def test_needs_batchnorm(tiny_dataset, run_context):
 
 @pytest.mark.slow
 def test_smoke_badnets(smoke_run):
-    # 300 mask iterations instead of the paper's 2000: 300 took 324-455 s on this shared CPU (load
-    # average ~30), 2000 would be far past the 90 s budget. Measured (badnets, spc 100, smoke),
-    # ASR / ACC before -> after (threshold chosen on validation, neurons pruned of 240):
-    #   seed 0: 0.997 -> 0.589 / 0.834 -> 0.778 (0.65, 17); seed 1: 0.991 -> 0.333 / 0.845 -> 0.798
-    #   (0.60, 16); seed 2: 0.999 -> 0.059 / 0.858 -> 0.834 (0.80, 29).
-    row = smoke_run("anp", attack="badnets", spc=100, defense_params={"iterations": 300})
-    assert row["status"] == "ok", row["error"]
-    assert row["asr_before"] - row["asr_after"] >= 0.3
-    assert row["acc_after"] >= row["acc_before"] - 0.08
+    # 300 mask iterations instead of the paper's 2000: 2000 would be far past the smoke budget on this
+    # CPU. Three seeds, because one seed's pruning threshold moves with the attacked model, and the
+    # attacked model with the CPU's floating-point kernels. The selection itself allows a drop of
+    # acc_ratio = 10% (relative) on validation. Measured (badnets, spc 100, smoke), ASR / ACC before ->
+    # after (threshold, neurons pruned of 240), on two CPUs whose smoke models differ:
+    #   A: seed 0: 0.997 -> 0.589 / 0.834 -> 0.778 (0.65, 17); seed 1: 0.991 -> 0.333 / 0.845 -> 0.798
+    #      (0.60, 16); seed 2: 0.999 -> 0.059 / 0.858 -> 0.834 (0.80, 29).
+    #   B: seed 0: 0.997 -> 0.317 / 0.852 -> 0.770 (0.80, 26); seed 1: 0.986 -> 0.346 / 0.847 -> 0.792
+    #      (0.75, 21); seed 2: 1.000 -> 0.036 / 0.852 -> 0.815 (0.70, 22).
+    rows = [smoke_run("anp", attack="badnets", spc=100, seed=seed, defense_params={"iterations": 300})
+            for seed in (0, 1, 2)]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    asr_drop = [r["asr_before"] - r["asr_after"] for r in rows]
+    acc_drop = [r["acc_before"] - r["acc_after"] for r in rows]
+    assert min(asr_drop) >= 0.3 and sum(asr_drop) / 3 >= 0.5, asr_drop
+    assert max(acc_drop) <= 0.1 and sum(acc_drop) / 3 <= 0.07, acc_drop

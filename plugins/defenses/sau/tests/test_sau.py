@@ -18,7 +18,9 @@ def test_shared_adversarial_examples_fool_both_models_onto_one_label(tiny_model,
             p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=gen))
     x, y = tiny_dataset.test.float()[:64], tiny_dataset.test.labels[:64]
     sau = SAU.configure({"eps": "0.3", "adv_lr": "0.05", "adv_steps": "20"})
-    delta = sau.shared_adversarial(model, reference, x, y, torch.Generator().manual_seed(1))
+    stats = {"pgd_evaluations": 0}
+    delta = sau.shared_adversarial(model, reference, x, y, torch.Generator().manual_seed(1), stats)
+    assert 1 <= stats["pgd_evaluations"] <= 20  # one per step, fewer once every sample is shared
     assert delta.abs().max() <= 0.3 + 1e-6  # the reference's unclipped x + delta may leave [0, 1]
     with torch.no_grad():
         pred, pred_ref = model(x + delta).argmax(1), reference(x + delta).argmax(1)
@@ -41,17 +43,17 @@ def test_purify_unlearns_and_reports(tiny_model, tiny_dataset, run_context):
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0])
 def test_smoke_badnets(smoke_run, seed):
-    # n_rounds 5 and Adam lr 1e-3 instead of 100 rounds at 1e-4: each SAU step runs a 5-step shared
-    # PGD on two models, and the reference's 1,000 steps would take far over the ~90 s smoke budget
-    # on this CPU; the larger lr only partly makes up for 20x fewer rounds. Measured on the smoke preset,
-    # badnets, spc 100, seed 0 (PGD from the reference's +eps start, x + delta unclipped):
-    #   these settings: ACC 0.834 -> 0.826, ASR 0.996 -> 0.709, RA 0.273 (18 s of defense);
-    #   the defaults (100 rounds at 1e-4): ACC 0.834 -> 0.825, ASR 0.996 -> 0.570, RA 0.388 (282 s,
-    #   shared CPU). With a random start and clipping (before the reference's start was offered):
-    #   5 rounds ASR 0.848, 100 rounds ASR 0.887. SAU stays partial on this small model.
-    row = smoke_run("sau", attack="badnets", spc=100, seed=seed, defense_params={"n_rounds": 5, "lr": 0.001})
+    # n_rounds 20 and Adam lr 1e-3 instead of 100 rounds at 1e-4: each SAU step runs a 5-step shared
+    # PGD on two models, and the reference's 1,000 steps would take far over the smoke budget on this
+    # CPU; the larger lr only partly makes up for 5x fewer rounds. Measured on the smoke preset,
+    # badnets, spc 100, seed 0 (PGD from the reference's +eps start, x + delta unclipped), on a CPU
+    # whose smoke model has ACC 0.852, ASR 0.997 (another CPU's has ACC 0.834):
+    #   5 rounds: ACC -> 0.827, ASR -> 0.925; 10 rounds: 0.823, 0.743; 20 rounds: 0.822, 0.450 (43 s);
+    #   20 rounds at lr 5e-4: 0.827, 0.704. On the other CPU's model 5 rounds gave ASR 0.709 and the
+    #   defaults (100 rounds at 1e-4) ACC 0.825, ASR 0.570. SAU stays partial on this small model.
+    row = smoke_run("sau", attack="badnets", spc=100, seed=seed, defense_params={"n_rounds": 20, "lr": 0.001})
     assert row["status"] == "ok", row["error"]
-    assert row["asr_before"] - row["asr_after"] >= 0.15
+    assert row["asr_before"] - row["asr_after"] >= 0.3
     assert row["acc_after"] >= row["acc_before"] - 0.05
 
 
