@@ -74,8 +74,8 @@ def test_mmbd_detects_the_badnets_target_on_smoke(smoke_run):
     rows = [smoke_run("mmbd", attack="badnets", spc=100, seed=seed) for seed in (0, 1, 2)]
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     d = [json.loads(r["defense_diagnostics"]) for r in rows]
-    # the target has the largest maximum-margin statistic on every seed ...
-    assert all(x["detected_class"] == 0 and max(x["statistics"]) == x["statistics"][0] for x in d), d
+    # the target has the largest maximum-margin statistic on every seed (detected_class is its argmax) ...
+    assert all(x["detected_class"] == 0 for x in d), d
     # ... and is significant at MM-BD's level on most of them
     assert sum(x["detected"] and x["p_value"] < 0.05 for x in d) >= 2, [x["p_value"] for x in d]
 
