@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from bdbench.errors import BdbenchError, ParameterError
 from bdbench.grid import expand, load_spec
@@ -111,7 +112,7 @@ def test_ray_executor_matches_the_in_process_run(session_plugins, tmp_path):
     assert read_results(tmp_path / "b").num_rows == 4
 
 
-def test_shards_partition_the_grid(session_plugins):
+def test_shards_partition_the_grid(session_plugins, tmp_path, monkeypatch):
     from bdbench.grid import parse_shard
 
     g = expand(session_plugins, {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["ft", "fp"],
@@ -129,6 +130,21 @@ def test_shards_partition_the_grid(session_plugins):
     assert sorted(e.key() for e in models.experiments) == sorted(e.key() for e in alone.experiments)
     assert len(models.experiments) == len(g.groups()) == 4
     assert parse_shard("2/3") == (2, 3)
+
+    # results copied from another machine list the models as done; --models-only trains what the cache lacks
+    import bdbench.grid as bdgrid
+    from bdbench.cache import TensorCache
+    from bdbench.runner import attack_key
+
+    spec = {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["ft"], "seeds": [0, 1]}
+    nones = [e.key() for e in models.experiments]
+    monkeypatch.setattr(bdgrid, "completed_keys", lambda out: set(nones))
+    assert expand(session_plugins, spec, tmp_path, models_only=True).experiments == ()  # no cache given: trust the rows
+    assert len(expand(session_plugins, spec, tmp_path, models_only=True, cache_dir=tmp_path).experiments) == 4
+    first = models.experiments[0]
+    TensorCache(tmp_path, "models").save(attack_key(session_plugins, first), {"w": torch.zeros(1)})
+    left = expand(session_plugins, spec, tmp_path, models_only=True, cache_dir=tmp_path)
+    assert len(left.experiments) == 3 and first.key() not in {e.key() for e in left.experiments}
     for bad in ("3/3", "a/2", "1", "-1/2", "0/0"):
         with pytest.raises(ParameterError, match="--shard"):
             parse_shard(bad)

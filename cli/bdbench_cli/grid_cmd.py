@@ -42,7 +42,8 @@ def add_to(cli: click.Group) -> None:
         from bdbench_cli.run_cmd import resolve_device
 
         plugins = ctx.find_object(State).plugins
-        g = expand(plugins, load_spec(spec), out, models_only=models_only)
+        g = expand(plugins, load_spec(spec), out, models_only=models_only,
+                   cache_dir=(cache_dir or default_cache_dir()) if models_only else None)
         if shard is not None:
             g = g.shard(*parse_shard(shard))
         history = read_results(out).to_pylist()

@@ -100,11 +100,13 @@ def load_spec(path: Path | str) -> dict[str, Any]:
 
 
 def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None = None, *,
-           models_only: bool = False) -> Grid:
+           models_only: bool = False, cache_dir: Path | str | None = None) -> Grid:
     """Validate and expand ``spec`` (the ``[grid]`` table) into experiments.
 
     ``models_only``: one ``none`` run per attacked model instead, which trains and caches every
-    model of the grid (then shards of the full grid never train the same model twice).
+    model of the grid (then shards of the full grid never train the same model twice). With
+    ``cache_dir``, such a run is done only when its model is in that cache: results copied from
+    another machine name models this one has not trained yet.
     """
     unknown = set(spec) - set(AXES) - set(PARAM_TABLES)
     if unknown:
@@ -148,6 +150,12 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
                                      for exp in first.values())}
         duplicates = 0
     done = completed_keys(out_dir) if out_dir is not None else set()
+    if models_only and cache_dir is not None:
+        from bdbench.cache import TensorCache
+        from bdbench.runner import attack_key
+
+        models = TensorCache(cache_dir, "models")
+        done = {k for k in done if k in seen and models.has(attack_key(plugins, seen[k]))}
     todo = [e for k, e in seen.items() if k not in done]
     todo.sort(key=_attack_id)  # runs sharing an attacked model run back to back
     return Grid(tuple(todo), skipped=len(seen) - len(todo), duplicates=duplicates)

@@ -136,6 +136,13 @@ class Stage:
     prepare_seconds: float = 0.0
 
 
+
+def attack_key(plugins: PluginSet, exp: Experiment) -> str:
+    """The attacked model's cache key: its half of the experiment and the plugin versions."""
+    versions = {k: plugins.get(k, getattr(exp, k)).version for k in ("dataset", "model", "attack")}
+    payload = canonical_json({"experiment": exp.attack_half(), "versions": versions, "bdbench": bdbench.__version__})
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
 class Runner:
     """Executes experiments; keeps loaded datasets and attacked models in memory between runs."""
 
@@ -178,9 +185,7 @@ class Runner:
 
     # -- the attacked model -----------------------------------------------------------------------
     def attack_key(self, exp: Experiment) -> str:
-        versions = {k: self.plugins.get(k, getattr(exp, k)).version for k in ("dataset", "model", "attack")}
-        payload = canonical_json({"experiment": exp.attack_half(), "versions": versions, "bdbench": bdbench.__version__})
-        return hashlib.sha256(payload.encode()).hexdigest()[:32]
+        return attack_key(self.plugins, exp)
 
     def build_model(self, exp: Experiment, ctx: RunContext) -> torch.nn.Module:
         builder = self.plugins.get("model", exp.model).cls(
