@@ -60,8 +60,8 @@ def main() -> None:
                 break
             if deadline is not None and time.monotonic() > deadline:
                 alive = [p for p in running.values() if p.poll() is None]
-                for p in alive:  # Ctrl-C to every worker at once: finished runs stay, the rest resumes
-                    p.send_signal(signal.SIGINT)
+                for p in alive:  # a clean stop for every worker at once: finished runs stay, the rest resumes
+                    p.send_signal(signal.SIGTERM)
                 grace = time.monotonic() + 20
                 while any(p.poll() is None for p in alive) and time.monotonic() < grace:
                     time.sleep(0.5)

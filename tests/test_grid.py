@@ -64,11 +64,13 @@ def test_defenses_without_clean_data_run_once_per_budget_axis(session_plugins):
     assert g.duplicates == 3 * 7
 
 
-def bdrun_grid(spec: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
+def bdrun_grid(spec: Path, out: Path, cache: Path, *extra: str, ignore_sigint: bool = False) -> subprocess.Popen:
+    """``bdrun grid`` in a subprocess; ``ignore_sigint`` starts it as a shell's background job is (SIGINT ignored)."""
     env = {**os.environ, "BD_STRICT_PLUGINS": "1", "OMP_NUM_THREADS": "1"}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
     return subprocess.Popen([sys.executable, "-m", "bdbench_cli", "grid", str(spec), "--out", str(out),
                              "--cache-dir", str(cache), "--device", "cpu", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ignore)
 
 
 @pytest.mark.slow
@@ -82,6 +84,13 @@ def test_killing_the_grid_loses_and_duplicates_nothing(tmp_path):
         proc.communicate()  # reap it and close its pipes
         for f in out.rglob("*.parquet"):
             assert pq.read_table(f).num_rows == 1  # every file readable, never partial
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a scheduler's stop and Ctrl-C: a clean stop that says so
+        proc = bdrun_grid(spec, out, cache, ignore_sigint=True)
+        assert "runs to do" in proc.stdout.readline()  # planned; the runs start now
+        time.sleep(1)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "rerun the same command to resume" in stderr, (proc.returncode, stderr[-2000:])
     finished = bdrun_grid(spec, out, cache)
     stdout, stderr = finished.communicate(timeout=600)
     assert finished.returncode == 0, stderr[-2000:]

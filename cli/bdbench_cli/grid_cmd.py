@@ -68,6 +68,7 @@ def add_to(cli: click.Group) -> None:
                 counts["ok" if row["status"] == "ok" else "failed"] += 1
                 bar.update(task, advance=1, status=f"{counts['ok']} ok, {counts['failed']} failed")
 
+            stop = _stop_on_signals()
             try:
                 if executor == "ray":
                     run_ray(g, kwargs, address=address, num_cpus=workers, cpus_per_task=cpus_per_task,
@@ -79,7 +80,22 @@ def add_to(cli: click.Group) -> None:
                 click.echo(f"bdrun: grid stopped after {done} of {total} runs; rerun the same command to resume",
                            err=True)
                 sys.exit(130)
+            finally:
+                stop()
         click.echo(f"{counts['ok']} ok, {counts['failed']} failed (not ok) in {time.monotonic() - start:.0f} s; "
                    f"results: {out}")
         if counts["failed"]:
             sys.exit(1)
+
+
+def _stop_on_signals():
+    """Ctrl-C and SIGTERM (a scheduler's time limit, ``kill``) both stop the grid cleanly between
+    writes: finished runs stay and a rerun resumes. SIGINT is taken back even where the grid was
+    started from a shell that ignores it (a background job). Returns the undo."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
