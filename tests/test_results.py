@@ -48,6 +48,7 @@ def test_compact_merges_every_file_and_a_later_rerun_wins(tmp_path):
     results.write_row(row("b", dataset="cifar10"), tmp_path)
     path, merged = results.compact(tmp_path)
     assert merged == 2 and list(tmp_path.rglob("*.parquet")) == [path] and not (tmp_path / "cifar10").exists()
+    assert sorted(results.read_results(path).column("run_key").to_pylist()) == ["a", "b"]  # the file alone reads too
     assert sorted(pd.read_parquet(tmp_path)["run_key"]) == ["a", "b"]
     assert results.completed_keys(tmp_path) == {"b"}
     results.write_row(row("a", finished_at=datetime(2026, 1, 2, tzinfo=timezone.utc)), tmp_path)  # rerun

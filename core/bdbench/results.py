@@ -104,12 +104,16 @@ def write_row(row: dict[str, Any], out_dir: Path | str, plugins_snapshot: Iterab
 
 
 def result_files(out_dir: Path | str) -> list[Path]:
+    """The result files of a results folder, or the one file named (a compacted table)."""
     root = Path(out_dir)
+    if root.is_file():
+        return [root]
     return sorted(p for p in root.glob("**/*.parquet") if not p.name.startswith(".")) if root.exists() else []
 
 
 def read_results(out_dir: Path | str) -> pa.Table:
-    """Every run under ``out_dir`` as one table (empty table with the schema when none).
+    """Every run under ``out_dir`` (a results folder, or one result file) as one table (empty
+    table with the schema when none).
 
     A run key found twice (a run repeated after :func:`compact` merged its first row) counts
     once: the row that finished last.
