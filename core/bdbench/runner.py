@@ -136,12 +136,12 @@ class Stage:
     prepare_seconds: float = 0.0
 
 
-
 def attack_key(plugins: PluginSet, exp: Experiment) -> str:
     """The attacked model's cache key: its half of the experiment and the plugin versions."""
     versions = {k: plugins.get(k, getattr(exp, k)).version for k in ("dataset", "model", "attack")}
     payload = canonical_json({"experiment": exp.attack_half(), "versions": versions, "bdbench": bdbench.__version__})
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
 
 class Runner:
     """Executes experiments; keeps loaded datasets and attacked models in memory between runs."""
