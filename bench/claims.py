@@ -24,7 +24,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results")
     args = ap.parse_args()
-    rows = [r for r in read_results(args.results).to_pylist() if r["status"] == "ok"]
+    # the defense grid's rows: the seen source (or none, for data-free defenses), no calibration
+    rows = [r for r in read_results(args.results).to_pylist()
+            if r["status"] == "ok" and r["source"] in ("seen", None) and r["calibrate"] is None]
 
     print("Grad-Prune against FP and CLP at low spc (CLP is data-free: one row for every spc)\n")
     print("| attack | spc | defense | runs | ACC after | ASR after | DER |")

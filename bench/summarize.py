@@ -2,10 +2,13 @@
 
     python bench/summarize.py bench-out/defenses --by attack,defense,spc
     python bench/summarize.py bench-out/gic --by defense,source,calibrate
+    python bench/summarize.py bench-out/defenses --by attack,defense,spc --where source=seen,None --where calibrate=None
 
 Rows with status ok are grouped by the --by columns; every group shows the number of runs,
 ACC/ASR/RA before and after, ARR, RDR and the defense seconds (``--metrics`` changes the
-list). Failed and attack_failed runs are counted in the last column.
+list). Failed and attack_failed runs are counted in the last column. ``--where COLUMN=VALUE``
+(repeatable) keeps the rows whose column prints as VALUE, or as one of VALUE,VALUE,... (``None``
+for a missing value).
 """
 from __future__ import annotations
 
@@ -43,9 +46,16 @@ def main() -> None:
     ap.add_argument("results")
     ap.add_argument("--by", default="attack,defense,spc")
     ap.add_argument("--metrics", default=",".join(METRICS))
+    ap.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE")
     args = ap.parse_args()
     by, metrics = args.by.split(","), args.metrics.split(",")
-    rows = read_results(args.results).to_pylist()
+    table = read_results(args.results)
+    where = [w.split("=", 1) for w in args.where]
+    for cond in where:
+        if len(cond) != 2 or cond[0] not in table.column_names:
+            ap.error(f"--where {'='.join(cond)!r}: expected COLUMN=VALUE with a result column")
+    where = [(column, set(values.split(","))) for column, values in where]
+    rows = [r for r in table.to_pylist() if all(str(r[c]) in values for c, values in where)]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     failed: dict[tuple, int] = defaultdict(int)
     for r in rows:
