@@ -124,14 +124,27 @@ def test_ray_executor_matches_the_in_process_run(session_plugins, tmp_path):
 def test_shards_partition_the_grid(session_plugins, tmp_path, monkeypatch):
     from bdbench.grid import parse_shard
 
-    g = expand(session_plugins, {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["ft", "fp"],
-                                 "spc": [2, 10], "seeds": [0, 1]})
-    shards = [g.shard(k, 3).experiments for k in range(3)]
+    import bdbench.grid as bdgrid
+
+    spec = {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["ft", "fp"], "spc": [2, 10],
+            "seeds": [0, 1]}
+    g = expand(session_plugins, spec)
+    shards = [expand(session_plugins, spec, shard=(k, 3)).experiments for k in range(3)]
     keys = [e.key() for shard in shards for e in shard]
     assert sorted(keys) == sorted(e.key() for e in g.experiments) and len(set(keys)) == len(keys)
     for shard in shards:  # each shard keeps the grid's order, so it loads each attacked model once
         ids = [json.dumps(e.attack_half(), sort_keys=True) for e in shard]
         assert ids == sorted(ids)
+    # shards started at different times: shard 1 starts after shard 0 finished two runs and owns the same runs
+    finished = {e.key() for e in shards[0][:2]}
+    with monkeypatch.context() as m:
+        m.setattr(bdgrid, "completed_keys", lambda out: finished)
+        late = expand(session_plugins, spec, tmp_path, shard=(1, 3))
+        again = expand(session_plugins, spec, tmp_path, shard=(0, 3))
+    assert late.experiments == shards[1] and late.skipped == 0
+    assert again.experiments == shards[0][2:] and again.skipped == 2
+    with pytest.raises(ParameterError, match="shard 3/3"):
+        expand(session_plugins, spec, shard=(3, 3))
     models = expand(session_plugins, {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["ft", "fp"],
                                       "spc": [2, 10], "seeds": [0, 1]}, models_only=True)
     alone = expand(session_plugins, {"presets": ["smoke"], "attacks": ["badnets", "blended"], "defenses": ["none"],
@@ -141,7 +154,6 @@ def test_shards_partition_the_grid(session_plugins, tmp_path, monkeypatch):
     assert parse_shard("2/3") == (2, 3)
 
     # results copied from another machine list the models as done; --models-only trains what the cache lacks
-    import bdbench.grid as bdgrid
     from bdbench.cache import TensorCache
     from bdbench.runner import attack_key
 

@@ -22,7 +22,8 @@ def add_to(cli: click.Group) -> None:
     @click.option("--device", default="auto", show_default=True)
     @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
     @click.option("--shard", default=None, metavar="K/N",
-                  help="Run only every N-th run from K (0-based): processes or array tasks sharing --out split the grid.")
+                  help="Run only every N-th run of the grid from K (0-based): processes or array tasks sharing --out "
+                       "split the grid, whenever each starts.")
     @click.option("--models-only", is_flag=True,
                   help="Only train and cache the grid's attacked models (one 'none' run each), e.g. before shards.")
     @click.pass_context
@@ -43,9 +44,8 @@ def add_to(cli: click.Group) -> None:
 
         plugins = ctx.find_object(State).plugins
         g = expand(plugins, load_spec(spec), out, models_only=models_only,
-                   cache_dir=(cache_dir or default_cache_dir()) if models_only else None)
-        if shard is not None:
-            g = g.shard(*parse_shard(shard))
+                   cache_dir=(cache_dir or default_cache_dir()) if models_only else None,
+                   shard=parse_shard(shard) if shard is not None else None)
         history = read_results(out).to_pylist()
         estimate = estimate_seconds(g, history)
         click.echo((f"shard {shard}: " if shard else "") + f"{len(g.experiments)} runs to do on {len(g.groups())} attacked models "

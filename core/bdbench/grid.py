@@ -49,18 +49,6 @@ class Grid:
     skipped: int  # already in the results with status ok
     duplicates: int
 
-    def shard(self, index: int, count: int) -> "Grid":
-        """Every ``count``-th run from ``index`` (0-based), in order: independent processes or
-        Slurm array tasks with the same ``--out`` and ``--cache-dir`` split the grid between them.
-
-        Runs are sorted by attacked model, so a shard still loads each of its models once; train
-        the attacked models first (``expand(..., models_only=True)``, ``bdrun grid --models-only``)
-        so that no two shards train the same one.
-        """
-        if not 0 <= index < count:
-            raise ParameterError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
-        return attrs.evolve(self, experiments=self.experiments[index::count])
-
     def groups(self) -> list[list[Experiment]]:
         """Runs that share an attacked model, in order."""
         out: dict[str, list[Experiment]] = {}
@@ -100,8 +88,17 @@ def load_spec(path: Path | str) -> dict[str, Any]:
 
 
 def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None = None, *,
-           models_only: bool = False, cache_dir: Path | str | None = None) -> Grid:
+           models_only: bool = False, cache_dir: Path | str | None = None,
+           shard: tuple[int, int] | None = None) -> Grid:
     """Validate and expand ``spec`` (the ``[grid]`` table) into experiments.
+
+    ``shard=(K, N)``: every N-th run from K (0-based) of the whole grid, done or not, then the
+    ones not done yet. Independent processes or Slurm array tasks with the same ``--out`` and
+    ``--cache-dir`` split the grid this way. A shard's runs depend on the grid alone, not on what
+    other shards have finished, so shards started at different times never overlap. Runs are
+    sorted by attacked model, so a shard still loads each of its models once; train the attacked
+    models first (``models_only``, ``bdrun grid --models-only``) so that no two shards train the
+    same one.
 
     ``models_only``: one ``none`` run per attacked model instead, which trains and caches every
     model of the grid (then shards of the full grid never train the same model twice). With
@@ -149,6 +146,12 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
                                                   clean_ratio=None, source=None, calibrate=None)
                                      for exp in first.values())}
         duplicates = 0
+    runs = sorted(seen.values(), key=_attack_id)  # runs sharing an attacked model run back to back
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise ParameterError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+        runs = runs[index::count]
     done = completed_keys(out_dir) if out_dir is not None else set()
     if models_only and cache_dir is not None:
         from bdbench.cache import TensorCache
@@ -156,9 +159,8 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
 
         models = TensorCache(cache_dir, "models")
         done = {k for k in done if k in seen and models.has(attack_key(plugins, seen[k]))}
-    todo = [e for k, e in seen.items() if k not in done]
-    todo.sort(key=_attack_id)  # runs sharing an attacked model run back to back
-    return Grid(tuple(todo), skipped=len(seen) - len(todo), duplicates=duplicates)
+    todo = [e for e in runs if e.key() not in done]
+    return Grid(tuple(todo), skipped=len(runs) - len(todo), duplicates=duplicates)
 
 
 Progress = Callable[[dict[str, Any]], None]
