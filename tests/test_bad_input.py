@@ -38,6 +38,11 @@ def listing(path):
     (["--defense", "fp", "--target", "-1"], "target -1 is outside"),
     (["--defense", "fp", "--source", "sen"], "unknown data source 'sen'; did you mean seen"),
     (["--defense", "fp", "--device", "tpu9"], "unknown device 'tpu9'"),
+    (["--defense", "fp", "--calibrate", "gicc"], "unknown calibration 'gicc'"),
+    (["--defense", "fp", "--calibrate-param", "bound=0.05"], "calibration parameters given without a calibration"),
+    (["--defense", "fp", "--calibrate", "gic", "--calibrate-param", "radius=0.05"],
+     "calibration 'gic': unknown parameter 'radius' (known: bound, lr, steps, batch_size)"),
+    (["--defense", "fp", "--calibrate", "gic", "--calibrate-param", "bound=2"], "calibration 'gic': bound must be"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     out = tmp_path / "results"

@@ -6,6 +6,9 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
 from bdbench import results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +57,27 @@ def test_claims_reads_only_uncalibrated_rows_of_the_seen_source(tmp_path):
     out = script("claims.py", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert ["badnets", "2", "fp", "1", "0.600", "0.100", "0.900"] in table_rows(out.stdout)
+
+
+def test_committed_results_keep_their_run_keys():
+    """Resume finds a committed row only if this version's experiment key reproduces its run_key."""
+    for table in sorted((ROOT / "bench" / "results").glob("*.parquet")):
+        done = script("rekey.py", str(table))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert " 0 keys differ" in done.stdout
+
+
+def test_rekey_writes_the_current_keys(tmp_path):
+    committed = results.read_results(ROOT / "bench" / "results" / "defenses-quick-partial.parquet")
+    sample = committed.filter(pa.compute.equal(committed["calibrate"], "gic")).slice(0, 2)
+    sample = pa.concat_tables([sample, committed.filter(pa.compute.is_null(committed["calibrate"])).slice(0, 2)])
+    stale = sample.set_column(0, "run_key", pa.array([f"stale{i}" for i in range(4)]))
+    stale = stale.set_column(stale.schema.get_field_index("calibrate_params"), "calibrate_params", pa.nulls(4, pa.string()))
+    results.write_table(stale, tmp_path / "t.parquet")
+    check = script("rekey.py", str(tmp_path / "t.parquet"))
+    assert check.returncode == 1 and "4 rows; 4 keys differ" in check.stdout
+    assert script("rekey.py", str(tmp_path / "t.parquet"), "--write").returncode == 0
+    rewritten = results.read_results(tmp_path / "t.parquet")
+    assert rewritten["run_key"].to_pylist() == sample["run_key"].to_pylist()
+    assert rewritten["calibrate_params"].to_pylist() == sample["calibrate_params"].to_pylist()
+    assert rewritten["acc_after"].to_pylist() == sample["acc_after"].to_pylist()

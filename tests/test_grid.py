@@ -61,7 +61,21 @@ def test_defenses_without_clean_data_run_once_per_budget_axis(session_plugins):
     assert len(by["ft"]) == 8
     for name in ("clp", "burn", "none"):  # no clean data: spc, source and calibration do not apply
         assert [(e.spc, e.clean_ratio, e.source, e.calibrate) for e in by[name]] == [(None, None, None, None)]
+        assert by[name][0].calibrate_params is None
     assert g.duplicates == 3 * 7
+
+
+def test_calibration_parameters_enter_the_calibrated_runs_and_their_keys(session_plugins):
+    spec = {"presets": ["smoke"], "defenses": ["ft"], "calibrate": ["none", "gic"]}
+    default = {e.calibrate: e for e in expand(session_plugins, spec).experiments}
+    tuned = {e.calibrate: e for e in expand(session_plugins, {**spec, "calibrate_params": {"gic": {"bound": 0.03}}})
+             .experiments}
+    assert json.loads(default["gic"].calibrate_params)["bound"] == 0.1
+    assert json.loads(tuned["gic"].calibrate_params) == {**json.loads(default["gic"].calibrate_params), "bound": 0.03}
+    assert tuned["gic"].key() != default["gic"].key()
+    assert tuned[None].calibrate_params is None and tuned[None].key() == default[None].key()
+    with pytest.raises(ParameterError, match="calibration 'gic': unknown parameter 'radius'"):
+        expand(session_plugins, {**spec, "calibrate_params": {"gic": {"radius": 0.03}}})
 
 
 def bdrun_grid(spec: Path, out: Path, cache: Path, *extra: str, ignore_sigint: bool = False) -> subprocess.Popen:

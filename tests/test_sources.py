@@ -1,6 +1,8 @@
 """Auxiliary-data sources and GIC input calibration."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,11 +54,12 @@ def test_external_folder_maps_class_names_and_indices(tmp_path):
         bddata.load_folder(tmp_path, info)
 
 
-def test_gic_stays_in_its_bound_and_raises_the_victims_confidence(tiny_model, tiny_dataset):
+@pytest.mark.parametrize("bound", [0.1, 0.03])
+def test_gic_stays_in_its_bound_and_raises_the_victims_confidence(tiny_model, tiny_dataset, bound):
     data = ImageSet(bddata.blur(tiny_dataset.test.images[:32], sigma=1.5), tiny_dataset.test.labels[:32])
-    calibrated = GIC(steps=30).calibrate(tiny_model, data, torch.device("cpu"))
+    calibrated = GIC(steps=30, bound=bound).calibrate(tiny_model, data, torch.device("cpu"))
     diff = (to_float(calibrated.images) - to_float(data.images)).abs().max()
-    assert diff <= 0.1 + 1 / 255 and diff > 0.01
+    assert diff <= bound + 1 / 255 and diff > bound / 3
     with torch.no_grad():
         before = F.cross_entropy(tiny_model(to_float(data.images)), data.labels)
         after = F.cross_entropy(tiny_model(to_float(calibrated.images)), data.labels)
@@ -66,7 +69,8 @@ def test_gic_stays_in_its_bound_and_raises_the_victims_confidence(tiny_model, ti
 
 @pytest.mark.slow
 def test_gic_runs_in_front_of_a_defense_and_is_recorded(smoke_run):
-    row = smoke_run("ft", attack="badnets", source="brightness", calibrate="gic", spc=10,
-                    defense_params={"epochs": 5})
+    row = smoke_run("ft", attack="badnets", source="brightness", calibrate="gic", calibrate_params={"bound": 0.05},
+                    spc=10, defense_params={"epochs": 5})
     assert row["status"] == "ok" and row["calibrate"] == "gic" and row["source"] == "brightness"
+    assert json.loads(row["calibrate_params"]) == {"batch_size": 256, "bound": 0.05, "lr": 0.1, "steps": 100}
     assert row["clean_count"] == 100

@@ -72,6 +72,8 @@ def add_to(cli: click.Group) -> None:
     @click.option("--clean-ratio", type=float, default=None, help="Defender's budget as a fraction instead of --spc.")
     @click.option("--source", default="seen", show_default=True, help="Where the defender's data comes from.")
     @click.option("--calibrate", default=None, help="Calibrate the defender's data before the defense: gic.")
+    @click.option("--calibrate-param", "calibrate_params", multiple=True, metavar="K=V",
+                  help="Calibration parameter (repeatable), e.g. bound=0.05; gic: bound, lr, steps, batch_size.")
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--param", "params", multiple=True, metavar="K=V", help="Defense parameter (repeatable).")
     @click.option("--attack-param", "attack_params", multiple=True, metavar="K=V", help="Attack parameter.")
@@ -86,8 +88,8 @@ def add_to(cli: click.Group) -> None:
     @click.pass_context
     def run(ctx: click.Context, defense: str, attack: str, preset: str, dataset: str | None, model: str | None,
             poison_ratio: float, target: int, spc: int | None, clean_ratio: float | None, source: str,
-            calibrate: str | None, seed: int, params: tuple[str, ...], attack_params: tuple[str, ...],
-            model_params: tuple[str, ...], out: Path, cache_dir: Path | None, device: str,
+            calibrate: str | None, calibrate_params: tuple[str, ...], seed: int, params: tuple[str, ...],
+            attack_params: tuple[str, ...], model_params: tuple[str, ...], out: Path, cache_dir: Path | None, device: str,
             data_dir: Path | None) -> None:
         """Backdoor a model, run one defense on it and write one result row.
 
@@ -109,7 +111,8 @@ def add_to(cli: click.Group) -> None:
         exp = plan(plugins, defense=defense, preset=preset, dataset=dataset, model=model, attack=attack,
                    attack_params=_pairs(attack_params, "--attack-param"), defense_params=_pairs(params, "--param"),
                    model_params=_pairs(model_params, "--model-param"), poison_ratio=poison_ratio, target=target,
-                   seed=seed, spc=spc, clean_ratio=clean_ratio, source=source, calibrate=calibrate)
+                   seed=seed, spc=spc, clean_ratio=clean_ratio, source=source, calibrate=calibrate,
+                   calibrate_params=_pairs(calibrate_params, "--calibrate-param"))
         runner = Runner(plugins, out_dir=out, cache_dir=cache_dir, device=resolve_device(device), data_dir=data_dir)
         try:
             row = runner.run(exp)

@@ -16,6 +16,9 @@ left out takes the single-run default. Per-method parameters are sub-tables::
     [grid.defense_params.fp]
     acc_ratio = 0.05
 
+    [grid.calibrate_params.gic]   # when calibrate lists "gic"
+    bound = 0.05
+
 The product is expanded and validated (every name and parameter, before anything runs),
 duplicates are dropped, and keys already present in the results with status ok are skipped.
 Runs are grouped by attacked model, so each is trained once and shared by its defenses.
@@ -40,7 +43,7 @@ AXES = {  # grid key -> plan() argument
     "poison_ratios": "poison_ratio", "targets": "target", "defenses": "defense", "spc": "spc",
     "clean_ratios": "clean_ratio", "sources": "source", "calibrate": "calibrate", "seeds": "seed",
 }
-PARAM_TABLES = ("attack_params", "defense_params", "model_params")
+PARAM_TABLES = ("attack_params", "defense_params", "model_params", "calibrate_params")
 
 
 @attrs.frozen
@@ -130,6 +133,8 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
             kwargs["calibrate"] = None
         kwargs["attack_params"] = tables["attack_params"].get(kwargs.get("attack", "badnets"), {})
         kwargs["defense_params"] = tables["defense_params"].get(kwargs["defense"], {})
+        if kwargs.get("calibrate") is not None:
+            kwargs["calibrate_params"] = tables["calibrate_params"].get(kwargs["calibrate"], {})
         model = kwargs.get("model")
         if model is not None:
             kwargs["model_params"] = tables["model_params"].get(model, {})
@@ -143,7 +148,8 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
         for exp in seen.values():
             first.setdefault(_attack_id(exp), exp)
         seen = {e.key(): e for e in (attrs.evolve(exp, defense="none", defense_params=none.defense_params, spc=None,
-                                                  clean_ratio=None, source=None, calibrate=None)
+                                                  clean_ratio=None, source=None, calibrate=None,
+                                                  calibrate_params=None)
                                      for exp in first.values())}
         duplicates = 0
     runs = sorted(seen.values(), key=_attack_id)  # runs sharing an attacked model run back to back

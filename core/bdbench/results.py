@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "2"  # 2: attack_prepare_seconds
+SCHEMA_VERSION = "3"  # 2: attack_prepare_seconds; 3: calibrate_params
 
 _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("run_key", pa.string(), "SHA-256 of the experiment's canonical JSON; identifies the run"),
@@ -42,6 +42,7 @@ _COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("source", pa.string(), "auxiliary-data source (seen, reserved, brightness, ...); null when the defense "
      "takes no clean data"),
     ("calibrate", pa.string(), "input calibration applied to the defender's data (null: none)"),
+    ("calibrate_params", pa.string(), "the calibration's parameters, canonical JSON (null: no calibration)"),
     ("defense_needs", pa.string(), "what the defense was given, comma-separated (clean, trigger_oracle, ...)"),
     ("clean_count", pa.int64(), "defender's clean training samples"),
     ("val_count", pa.int64(), "defender's validation samples"),
@@ -150,9 +151,7 @@ def compact(out_dir: Path | str, name: str = "results.parquet") -> tuple[Path, i
     target = root / name
     if not files:
         raise FileNotFoundError(f"no result files under {root}")
-    table = read_results(root)
-    meta = {b"bdbench.schema_version": SCHEMA_VERSION.encode(), b"bdbench.compacted": b"1"}
-    _atomic_write_table(table.replace_schema_metadata(meta), target)
+    write_table(read_results(root), target)
     for f in files:
         if f != target:
             f.unlink()
@@ -160,6 +159,12 @@ def compact(out_dir: Path | str, name: str = "results.parquet") -> tuple[Path, i
         if not any(d.iterdir()):
             d.rmdir()
     return target, len(files)
+
+
+def write_table(table: pa.Table, path: Path | str) -> None:
+    """Write many runs (a table in :data:`SCHEMA`) as one file, atomically."""
+    meta = {b"bdbench.schema_version": SCHEMA_VERSION.encode(), b"bdbench.compacted": b"1"}
+    _atomic_write_table(_conform(table).replace_schema_metadata(meta), Path(path))
 
 
 def _conform(table: pa.Table) -> pa.Table:

@@ -61,9 +61,13 @@ class Experiment:
     clean_ratio: float | None
     source: str | None  # None: the defense takes no clean data
     calibrate: str | None = None
+    calibrate_params: str | None = None  # canonical JSON of the calibration's resolved parameters
 
     def key(self) -> str:
-        return hashlib.sha256(canonical_json(self).encode()).hexdigest()[:32]
+        fields = attrs.asdict(self, recurse=False)
+        if fields["calibrate_params"] is None:  # added later: runs without calibration keep their keys
+            del fields["calibrate_params"]
+        return hashlib.sha256(canonical_json(fields).encode()).hexdigest()[:32]
 
     def attack_half(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("dataset", "model", "model_params", "attack", "attack_params",
@@ -74,7 +78,8 @@ def plan(plugins: PluginSet, *, defense: str, preset: str = "quick", dataset: st
          model: str | None = None, attack: str = "badnets", attack_params: Mapping[str, Any] | None = None,
          defense_params: Mapping[str, Any] | None = None, model_params: Mapping[str, Any] | None = None,
          poison_ratio: float = 0.1, target: int = 0, seed: int = 0, spc: int | None = 100,
-         clean_ratio: float | None = None, source: str = "seen", calibrate: str | None = None) -> Experiment:
+         clean_ratio: float | None = None, source: str = "seen", calibrate: str | None = None,
+         calibrate_params: Mapping[str, Any] | None = None) -> Experiment:
     """Validate the choices and build the :class:`Experiment` (nothing is loaded or trained).
 
     A defense that takes no clean data (data-free, or given the poisoned training set) has no
@@ -97,8 +102,15 @@ def plan(plugins: PluginSet, *, defense: str, preset: str = "quick", dataset: st
     bddata.get_source(source)
     if calibrate not in (None, "none", *CALIBRATIONS):
         raise ParameterError(f"unknown calibration {calibrate!r} (known: none, {', '.join(CALIBRATIONS)})")
+    calibration = None
+    if calibrate in (None, "none"):
+        if calibrate_params:
+            raise ParameterError("calibration parameters given without a calibration (--calibrate)")
+    else:
+        calibration = canonical_json(make_config(CALIBRATIONS[calibrate], calibrate_params,
+                                                 owner=f"calibration {calibrate!r}"))
     if "clean" not in defense_cls.needs:  # data-free, or the poisoned training set: no budget, source or calibration
-        spc, clean_ratio, source, calibrate = None, None, None, None
+        spc, clean_ratio, source, calibrate, calibration = None, None, None, None, None
     mparams = dict(p.model_params) if model == p.model else {}
     mparams.update(model_params or {})
     return Experiment(
@@ -112,7 +124,7 @@ def plan(plugins: PluginSet, *, defense: str, preset: str = "quick", dataset: st
         defense=defense,
         defense_params=canonical_json(make_config(defense_cls.Config, defense_params, owner=f"defense {defense!r}")),
         spc=spc, clean_ratio=clean_ratio, source=source,
-        calibrate=None if calibrate in (None, "none") else calibrate)
+        calibrate=None if calibrate in (None, "none") else calibrate, calibrate_params=calibration)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -308,7 +320,7 @@ class Runner:
     def calibrated(self, exp: Experiment, stage: Stage, clean: ImageSet, val: ImageSet,
                    with_val: bool) -> tuple[ImageSet, ImageSet]:
         """The defender's data after ``exp.calibrate``, cached per victim model and auxiliary set."""
-        method = CALIBRATIONS[exp.calibrate]()
+        method = make_config(CALIBRATIONS[exp.calibrate], json.loads(exp.calibrate_params or "{}"))
         payload = {"victim": self.attack_key(exp), "source": exp.source, "spc": exp.spc,
                    "clean_ratio": exp.clean_ratio, "seed": exp.seed, "with_val": with_val,
                    "method": exp.calibrate, "params": canonical_json(method)}
@@ -397,7 +409,8 @@ class Runner:
             "attack": exp.attack, "attack_params": exp.attack_params, "poison_ratio": exp.poison_ratio,
             "target": exp.target, "seed": exp.seed, "recipe": exp.recipe, "defense": exp.defense,
             "defense_params": exp.defense_params, "spc": exp.spc, "clean_ratio": exp.clean_ratio,
-            "source": exp.source, "calibrate": exp.calibrate, "device": str(self.device),
+            "source": exp.source, "calibrate": exp.calibrate,
+            "calibrate_params": exp.calibrate_params, "device": str(self.device),
             "bdbench_version": bdbench.__version__, "torch_version": torch.__version__,
         }
         for kind in ("dataset", "model", "attack", "defense"):
