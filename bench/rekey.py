@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -28,21 +27,17 @@ from bdbench.results import SCHEMA, read_results, write_table
 from bdbench.runner import plan
 
 
-def _null(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
 def experiment_of(plugins, r: dict):
     """The experiment a row records (a row without a budget is planned with one; plan() drops it)."""
     spc, ratio = r["spc"], r["clean_ratio"]
-    if _null(spc) and _null(ratio):
+    if spc is None and ratio is None:
         spc = 100
     calibrate_params = json.loads(r["calibrate_params"]) if r.get("calibrate_params") else None
     return plan(plugins, defense=r["defense"], preset=r["preset"], dataset=r["dataset"], model=r["model"],
                 attack=r["attack"], attack_params=json.loads(r["attack_params"]),
                 defense_params=json.loads(r["defense_params"]), model_params=json.loads(r["model_params"]),
                 poison_ratio=r["poison_ratio"], target=r["target"], seed=r["seed"],
-                spc=None if _null(spc) else int(spc), clean_ratio=None if _null(ratio) else ratio,
+                spc=spc, clean_ratio=ratio,
                 source=r["source"] or "seen", calibrate=r["calibrate"], calibrate_params=calibrate_params)
 
 

@@ -1,7 +1,7 @@
 """Summarise a results folder as a Markdown table: mean ± standard deviation over seeds.
 
     python bench/summarize.py bench-out/defenses --by attack,defense,spc --where source=seen,None --where calibrate=None
-    python bench/summarize.py bench-out/defenses --by defense,source,calibrate --where spc=100 --where attack=badnets
+    python bench/summarize.py bench-out/defenses --by defense,source,calibrate_params --where spc=100 --where attack=badnets
 
 Rows with status ok are grouped by the --by columns; every group shows the number of runs,
 ACC/ASR/RA before and after, ARR, RDR and the defense seconds (``--metrics`` changes the

@@ -72,7 +72,8 @@ def test_rekey_writes_the_current_keys(tmp_path):
     sample = committed.filter(pa.compute.equal(committed["calibrate"], "gic")).slice(0, 2)
     sample = pa.concat_tables([sample, committed.filter(pa.compute.is_null(committed["calibrate"])).slice(0, 2)])
     stale = sample.set_column(0, "run_key", pa.array([f"stale{i}" for i in range(4)]))
-    stale = stale.set_column(stale.schema.get_field_index("calibrate_params"), "calibrate_params", pa.nulls(4, pa.string()))
+    column = stale.schema.get_field_index("calibrate_params")
+    stale = stale.set_column(column, "calibrate_params", pa.nulls(4, pa.string()))
     results.write_table(stale, tmp_path / "t.parquet")
     check = script("rekey.py", str(tmp_path / "t.parquet"))
     assert check.returncode == 1 and "4 rows; 4 keys differ" in check.stdout

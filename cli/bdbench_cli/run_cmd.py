@@ -89,8 +89,8 @@ def add_to(cli: click.Group) -> None:
     def run(ctx: click.Context, defense: str, attack: str, preset: str, dataset: str | None, model: str | None,
             poison_ratio: float, target: int, spc: int | None, clean_ratio: float | None, source: str,
             calibrate: str | None, calibrate_params: tuple[str, ...], seed: int, params: tuple[str, ...],
-            attack_params: tuple[str, ...], model_params: tuple[str, ...], out: Path, cache_dir: Path | None, device: str,
-            data_dir: Path | None) -> None:
+            attack_params: tuple[str, ...], model_params: tuple[str, ...], out: Path, cache_dir: Path | None,
+            device: str, data_dir: Path | None) -> None:
         """Backdoor a model, run one defense on it and write one result row.
 
         \b
