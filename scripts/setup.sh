@@ -14,4 +14,6 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 setuptools wheel
-PATH="$PWD/.venv/bin:$PATH" bash scripts/dev-install.sh -q
+# setuptools is in the venv: building 40 editable packages without an isolated build env each
+# saves minutes
+PATH="$PWD/.venv/bin:$PATH" bash scripts/dev-install.sh -q --no-build-isolation

@@ -118,13 +118,13 @@ def test_killing_the_grid_loses_and_duplicates_nothing(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_executor_matches_the_in_process_run(session_plugins, tmp_path):
+def test_ray_executor_matches_the_in_process_run(session_plugins, session_cache, tmp_path):
     pytest.importorskip("ray")
     from bdbench.context import Reporter
     from bdbench.grid import run_in_process, run_ray
 
     g = expand(session_plugins, load_spec(write(tmp_path)))
-    common = dict(cache_dir=tmp_path / "cache", device="cpu", reporter=Reporter(enabled=False))
+    common = dict(cache_dir=session_cache, device="cpu", reporter=Reporter(enabled=False))
     here = {r["run_key"]: r for r in run_in_process(session_plugins, g, dict(out_dir=tmp_path / "a", **common))}
     there = {r["run_key"]: r for r in run_ray(g, dict(out_dir=tmp_path / "b", **common), num_cpus=2)}
     assert here.keys() == there.keys()
@@ -186,8 +186,8 @@ def test_shards_partition_the_grid(session_plugins, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_concurrent_shards_share_one_results_folder(tmp_path):
-    spec, out, cache = write(tmp_path), tmp_path / "results", tmp_path / "cache"
+def test_concurrent_shards_share_one_results_folder(session_cache, tmp_path):
+    spec, out, cache = write(tmp_path), tmp_path / "results", session_cache  # the smoke models other tests train
     first = bdrun_grid(spec, out, cache, "--models-only")  # train the attacked models first, as the docs say
     first.communicate(timeout=600)
     assert first.returncode == 0

@@ -47,7 +47,7 @@ def wheels(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("defense", "params"), [("ft", []), ("sau", ["--param", "n_rounds=2"])])
-def test_install_one_defense_from_wheels_and_run(wheels, tmp_path, defense, params):
+def test_install_one_defense_from_wheels_and_run(wheels, session_cache, tmp_path, defense, params):
     names = {w.name.split("-")[0] for w in wheels.glob("*.whl")}
     assert {"bdbench", f"bd_defense_{defense}", "bd_attack_badnets", "bd_metrics_standard"} <= names
 
@@ -63,7 +63,9 @@ def test_install_one_defense_from_wheels_and_run(wheels, tmp_path, defense, para
 
     out = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(BD_STRICT_PLUGINS="1", BDBENCH_CACHE=str(tmp_path / "cache"))
+    # the session's attacked-model cache: the smoke BadNets model trains once for every test (the
+    # wheels build the same versions, so the same key); training from scratch is test_end_to_end's
+    env.update(BD_STRICT_PLUGINS="1", BDBENCH_CACHE=str(session_cache))
     listed = subprocess.run([env_dir / "bin" / "bdrun", "plugins", "--json"], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr

@@ -75,8 +75,9 @@ def test_training_learns_a_sparse_dynamic_mask_and_keeps_the_poison_set_current(
     assert m.min() >= 0 and m.max() <= 1
     assert m.mean().item() < before  # the norm loss sparsifies the mask towards its density
     # dynamic: different inputs get different masks and patterns (untrained, in eval mode, both
-    # are nearly constant: distances under 1e-6)
-    assert distance(m[:8], m[8:]).min() > 1e-3 and distance(p[:8], p[8:]).min() > 1e-3
+    # are nearly constant: distances under 1e-6). Measured (one torch thread): mask distances of
+    # the 8 pairs 2e-4 to 0.99, median 0.18; a sparse mask can all but vanish on two inputs.
+    assert distance(m[:8], m[8:]).median() > 1e-2 and distance(p[:8], p[8:]).median() > 1e-2
     assert not any(q.requires_grad for q in attack.mask_net.parameters())  # M frozen after stage A
     # the poisoned set was re-made with the trained generator
     assert len(run.poisoned) == round(0.1 * len(tiny_dataset.train)) and run.poisoned.labels.eq(0).all()
