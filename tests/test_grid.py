@@ -88,6 +88,31 @@ def bdrun_grid(spec: Path, out: Path, cache: Path, *extra: str, ignore_sigint: b
 
 
 @pytest.mark.slow
+def test_the_estimate_uses_each_runs_spc_and_counts_what_has_no_history(session_plugins):
+    from bdbench.grid import estimate_seconds
+
+    g = expand(session_plugins, {"presets": ["smoke"], "defenses": ["ft", "anp"], "spc": [2, 100], "seeds": [0, 1]})
+    assert len(g.experiments) == 8 and len(g.groups()) == 2
+    row = {"status": "ok", "preset": "smoke", "attack_cached": False}
+    history = [{**row, "defense": "none", "spc": None, "attack_seconds": 30.0, "defense_seconds": 0.0},
+               {**row, "defense": "ft", "spc": 2, "attack_seconds": 50.0, "defense_seconds": 1.0},
+               {**row, "defense": "ft", "spc": 100, "attack_cached": True, "attack_seconds": 0.0, "defense_seconds": 9.0},
+               {**row, "defense": "ft", "spc": 100, "status": "failed", "attack_seconds": 0.0, "defense_seconds": 99.0}]
+    partial = estimate_seconds(g, history)
+    # two models at 40 s, FT at spc 2 and 100 on each (1 s and 9 s); ANP has no row
+    assert partial.seconds == pytest.approx(2 * 40 + 2 * (1 + 9)) and partial.unknown_runs == 4
+    assert partial.describe().startswith("at least 1.7 min") and "4 of 8 runs" in partial.describe()
+    history.append({**row, "defense": "anp", "spc": 10, "attack_cached": True, "defense_seconds": 300.0})
+    assert estimate_seconds(g, history) == partial  # ANP at spc 10 says nothing of spc 2 or 100
+    history += [{**row, "defense": "anp", "spc": spc, "attack_cached": True, "defense_seconds": 3000.0 + spc}
+                for spc in (2, 100)]
+    full = estimate_seconds(g, history)
+    assert full.unknown_runs == 0 and full.seconds == pytest.approx(partial.seconds + 2 * (3002 + 3100))
+    assert full.describe() == f"{full.seconds / 3600:.1f} h in one process"
+    none = estimate_seconds(g, [{**row, "preset": "quick", "defense": "ft", "spc": 2, "defense_seconds": 1.0}])
+    assert none.unknown_runs == 8 and none.unknown_models == 2 and none.describe().startswith("unknown")
+
+
 def test_killing_the_grid_loses_and_duplicates_nothing(tmp_path):
     spec, out, cache = write(tmp_path), tmp_path / "results", tmp_path / "cache"
     rng = random.Random(0)

@@ -47,10 +47,9 @@ def add_to(cli: click.Group) -> None:
                    cache_dir=(cache_dir or default_cache_dir()) if models_only else None,
                    shard=parse_shard(shard) if shard is not None else None)
         history = read_results(out).to_pylist()
-        estimate = estimate_seconds(g, history)
         click.echo((f"shard {shard}: " if shard else "") + f"{len(g.experiments)} runs to do on {len(g.groups())} attacked models "
                    f"({g.skipped} already done, {g.duplicates} duplicates dropped); estimate: "
-                   + (f"{estimate / 60:.1f} min in one process" if estimate is not None else "unknown (no earlier rows)"))
+                   + estimate_seconds(g, history).describe())
         if dry_run or not g.experiments:
             return
         kwargs = dict(out_dir=out, cache_dir=cache_dir or default_cache_dir(), data_dir=data_dir,

@@ -232,26 +232,51 @@ def run_ray(grid: Grid, runner_kwargs: dict[str, Any], *, address: str | None = 
             ray.shutdown()
 
 
-def estimate_seconds(grid: Grid, history: Iterable[dict[str, Any]]) -> float | None:
-    """Seconds the grid should take, from earlier rows of the same presets/defenses (None: no data)."""
+@attrs.frozen
+class Estimate:
+    """Seconds a grid should take in one process, and what had no earlier row to go by."""
+
+    seconds: float
+    runs: int  # runs in the grid
+    unknown_runs: int  # runs whose preset and defense have no earlier ok row
+    unknown_models: int  # attacked models whose preset has no earlier training row
+
+    def describe(self) -> str:
+        if self.unknown_runs == self.runs and self.runs:
+            return "unknown (no earlier rows of these presets and defenses)"
+        time = f"{self.seconds / 60:.1f} min" if self.seconds < 7200 else f"{self.seconds / 3600:.1f} h"
+        if not (self.unknown_runs or self.unknown_models):
+            return f"{time} in one process"
+        missing = [f"{self.unknown_runs} of {self.runs} runs"] if self.unknown_runs else []
+        missing += [f"{self.unknown_models} attacked models"] if self.unknown_models else []
+        return f"at least {time} in one process ({' and '.join(missing)} without earlier rows)"
+
+
+def estimate_seconds(grid: Grid, history: Iterable[dict[str, Any]]) -> Estimate:
+    """The grid's time from earlier ok rows: each run's mean defense seconds for its preset,
+    defense and spc, each attacked model's mean training seconds for its preset. Runs and
+    models without such rows are counted, not guessed (a defense's cost can differ 50-fold
+    between spc 2 and 100), so with any of them the seconds are a lower bound."""
     train: dict[str, list[float]] = {}
-    defend: dict[tuple[str, str], list[float]] = {}
+    defend: dict[tuple, list[float]] = {}
     for row in history:
         if row.get("status") != "ok":
             continue
         if row.get("attack_seconds") and not row.get("attack_cached"):
             train.setdefault(row["preset"], []).append(row["attack_seconds"])
         if row.get("defense_seconds") is not None:
-            defend.setdefault((row["preset"], row["defense"]), []).append(row["defense_seconds"])
-    total = 0.0
+            defend.setdefault((row["preset"], row["defense"], row.get("spc")), []).append(row["defense_seconds"])
+    total, unknown_runs, unknown_models = 0.0, 0, 0
     for group in grid.groups():
         t = train.get(group[0].preset)
-        if not t:
-            return None
-        total += sum(t) / len(t)
+        if t:
+            total += sum(t) / len(t)
+        else:
+            unknown_models += 1
         for exp in group:
-            d = defend.get((exp.preset, exp.defense))
-            if not d:
-                return None
-            total += sum(d) / len(d)
-    return total
+            d = defend.get((exp.preset, exp.defense, exp.spc))
+            if d:
+                total += sum(d) / len(d)
+            else:
+                unknown_runs += 1
+    return Estimate(total, len(grid.experiments), unknown_runs, unknown_models)
