@@ -87,7 +87,6 @@ def bdrun_grid(spec: Path, out: Path, cache: Path, *extra: str, ignore_sigint: b
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=ignore)
 
 
-@pytest.mark.slow
 def test_the_estimate_uses_each_runs_spc_and_counts_what_has_no_history(session_plugins):
     from bdbench.grid import estimate_seconds
 
@@ -113,6 +112,7 @@ def test_the_estimate_uses_each_runs_spc_and_counts_what_has_no_history(session_
     assert none.unknown_runs == 8 and none.unknown_models == 2 and none.describe().startswith("unknown")
 
 
+@pytest.mark.slow
 def test_killing_the_grid_loses_and_duplicates_nothing(tmp_path):
     spec, out, cache = write(tmp_path), tmp_path / "results", tmp_path / "cache"
     rng = random.Random(0)

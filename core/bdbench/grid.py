@@ -238,18 +238,18 @@ class Estimate:
 
     seconds: float
     runs: int  # runs in the grid
-    unknown_runs: int  # runs whose preset and defense have no earlier ok row
+    unknown_runs: int  # runs whose preset, defense and spc have no earlier ok row
     unknown_models: int  # attacked models whose preset has no earlier training row
 
     def describe(self) -> str:
         if self.unknown_runs == self.runs and self.runs:
             return "unknown (no earlier rows of these presets and defenses)"
-        time = f"{self.seconds / 60:.1f} min" if self.seconds < 7200 else f"{self.seconds / 3600:.1f} h"
+        span = f"{self.seconds / 60:.1f} min" if self.seconds < 7200 else f"{self.seconds / 3600:.1f} h"
         if not (self.unknown_runs or self.unknown_models):
-            return f"{time} in one process"
+            return f"{span} in one process"
         missing = [f"{self.unknown_runs} of {self.runs} runs"] if self.unknown_runs else []
         missing += [f"{self.unknown_models} attacked models"] if self.unknown_models else []
-        return f"at least {time} in one process ({' and '.join(missing)} without earlier rows)"
+        return f"at least {span} in one process ({' and '.join(missing)} without earlier rows)"
 
 
 def estimate_seconds(grid: Grid, history: Iterable[dict[str, Any]]) -> Estimate:
