@@ -255,8 +255,8 @@ class Estimate:
 def estimate_seconds(grid: Grid, history: Iterable[dict[str, Any]]) -> Estimate:
     """The grid's time from earlier ok rows: each run's mean defense seconds for its preset,
     defense and spc, each attacked model's mean training seconds for its preset. Runs and
-    models without such rows are counted, not guessed (a defense's cost can differ 50-fold
-    between spc 2 and 100), so with any of them the seconds are a lower bound."""
+    models without such rows are counted, not guessed (FT on the quick preset costs 40 times
+    more at spc 100 than at spc 2), so with any of them the seconds are a lower bound."""
     train: dict[str, list[float]] = {}
     defend: dict[tuple, list[float]] = {}
     for row in history:
