@@ -312,3 +312,43 @@ def test_pruned_batchnorm_channels_output_zero_and_live_in_the_state_dict():
     torch.testing.assert_close(fresh(torch.ones(1, 4, 2, 2))[:, [1, 3]], torch.zeros(1, 2, 2, 2))
     with pytest.raises(BdbenchError, match="affine"):
         prune_batchnorm_channels(nn.BatchNorm2d(4, affine=False), [0])
+
+
+def test_fit_on_some_parameters_computes_no_gradient_for_the_others_and_restores_their_flags(tmp_path):
+    """fit(params=masks) trains the masks alone: backward makes no weight gradient, the weights stay
+    as they were, and every requires_grad flag comes back (also when the loss raises)."""
+    import torch.nn.functional as F
+
+    from bdbench.context import Reporter, RunContext
+    from bdbench.masking import NeuronMasks
+    from bdbench.testing import TINY_INFO, TinyNet
+    from bdbench.training import Recipe, fit
+
+    torch.manual_seed(0)
+    model = TinyNet(TINY_INFO.num_classes)
+    model.features[0].weight.requires_grad_(False)  # a flag that was already off stays off
+    flags = [p.requires_grad for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    masks = NeuronMasks(model)
+    ctx = RunContext(dataset=TINY_INFO, cache_dir=tmp_path, reporter=Reporter(enabled=False))
+    data = ImageSet(torch.randint(0, 256, (32, 1, 16, 16), dtype=torch.uint8), torch.arange(32) % 4)
+    trainable_during = []
+
+    def loss_fn(m, x, y):
+        trainable_during.append([p.requires_grad for p in m.parameters()])
+        return F.cross_entropy(m(x), y)
+
+    fit(model, data, Recipe(epochs=2, batch_size=8, lr=0.5, momentum=0.0, weight_decay=0.0, schedule="constant",
+                            amp=False), ctx, loss_fn=loss_fn, params=masks.parameters())
+    assert len(trainable_during) == 8 and not any(any(f) for f in trainable_during)
+    assert all(p.grad is None for p in model.parameters())  # no weight gradient was computed
+    assert all(torch.equal(w, p) for w, p in zip(weights, model.parameters()))
+    assert (masks.flat() != 1).any()  # the masks did train
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+    def failing(m, x, y):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(model, data, Recipe(epochs=1, batch_size=8), ctx, loss_fn=failing, params=masks.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags

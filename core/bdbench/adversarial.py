@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bdbench.components import ImageSet
+from bdbench.nn import frozen
 from bdbench.training import batches
 
 Objective = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, x_adv) -> loss to maximise
@@ -68,10 +69,7 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
     """
     if norm == "l1" and optimizer == "sign":
         raise ValueError("perturb() takes no signed L1 step: use optimizer='adam' with an L1 bound")
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         start = start or ("random" if random_start else "zero")
         if start == "random":
             noise = torch.rand(x.shape, generator=generator).to(x) * 2 - 1
@@ -102,9 +100,6 @@ def perturb(model: nn.Module, x: torch.Tensor, objective: Objective, *, eps: flo
                     break
                 (grad,) = torch.autograd.grad(loss, delta)
                 delta = _project(delta.detach() + _step(grad, step_size, norm), x, eps, norm, clip)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
     return delta.detach()
 
 
@@ -131,10 +126,7 @@ def universal(model: nn.Module, data: ImageSet, objective: Callable[[nn.Module, 
     """
     delta = torch.zeros(data.shape, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=lr)
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen(model):
         for _ in range(epochs):
             for x, y in batches(data, batch_size, device=device, shuffle=True, generator=generator):
                 opt.zero_grad(set_to_none=True)
@@ -142,9 +134,6 @@ def universal(model: nn.Module, data: ImageSet, objective: Callable[[nn.Module, 
                 opt.step()
                 with torch.no_grad():
                     delta.copy_(project(delta, eps, norm, batched=False))
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
     return delta.detach()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -160,6 +160,27 @@ def capture(modules: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module, keep: Iterable[torch.Tensor] = ()) -> Iterator[nn.Module]:
+    """Within the block no parameter of ``model`` requires a gradient, except those in ``keep``
+    (which keep their flag); every flag is restored on exit.
+
+    Optimising something other than the weights (an input perturbation, a mask, a trigger, an
+    inserted layer) then makes backward skip the weight gradients nothing would use: a
+    convolution's backward computes its input gradient alone, about half its cost.
+    """
+    kept = {id(p) for p in keep}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        if id(p) not in kept:
+            p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -268,15 +268,9 @@ def train_generator(model: nn.Module, clean: ImageSet, *, target: int, box: Box,
 
     recipe = Recipe(epochs=c.gen_epochs, batch_size=c.gen_batch_size, lr=c.gen_lr, optimizer="adam",
                     weight_decay=0.0, schedule="constant", amp=False)
-    requires = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        fit(model, clean, recipe, ctx, loss_fn=loss_fn, after_step=mine_step, after_epoch=after_epoch,
-            params=G.parameters(), optimizer=g_opt, description=f"{stream}: generator beta={beta}",
-            stream=f"{stream}: fit")
-    finally:
-        for p, r in zip(model.parameters(), requires, strict=True):
-            p.requires_grad_(r)
+    fit(model, clean, recipe, ctx, loss_fn=loss_fn, after_step=mine_step, after_epoch=after_epoch,
+        params=G.parameters(), optimizer=g_opt, description=f"{stream}: generator beta={beta}",
+        stream=f"{stream}: fit")  # fit() freezes the classifier: only G is optimised
     model.eval()
     return G, history
 

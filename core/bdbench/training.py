@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
@@ -18,6 +19,7 @@ from torch import nn
 
 from bdbench.components import ImageSet, to_float
 from bdbench.context import RunContext
+from bdbench.nn import frozen
 from bdbench.params import non_negative, positive
 
 
@@ -93,12 +95,15 @@ def fit(model: nn.Module, data: ImageSet, recipe: Recipe, ctx: RunContext, *,
         after_epoch: Callable[[int], None] | None = None) -> nn.Module:
     """Train ``model`` in place for ``recipe.epochs`` epochs (train mode) and return it.
 
-    ``after_epoch(epoch)`` (0-based) runs at the end of every epoch, after the recipe's
-    schedule has stepped: per-epoch work of a method (step an auxiliary network's LR
-    schedule, copy a generator being optimised into the one used to poison).
+    ``params`` are the tensors to optimise (default: every parameter of ``model``); while the
+    fit runs, the model's other parameters are frozen (:func:`bdbench.nn.frozen`), so backward
+    computes no gradient for them. ``after_epoch(epoch)`` (0-based) runs at the end of every
+    epoch, after the recipe's schedule has stepped: per-epoch work of a method (step an
+    auxiliary network's LR schedule, copy a generator being optimised into the one used to poison).
     """
     device = ctx.device
     model.to(device).train()
+    params = list(params) if params is not None else None
     opt = optimizer or make_optimizer(params if params is not None else model.parameters(), recipe)
     steps_per_epoch = max(1, len(data) // recipe.batch_size if recipe.drop_last and len(data) >= recipe.batch_size
                           else math.ceil(len(data) / recipe.batch_size))
@@ -108,7 +113,8 @@ def fit(model: nn.Module, data: ImageSet, recipe: Recipe, ctx: RunContext, *,
     gen = ctx.generator(stream)
     use_amp = recipe.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    with ctx.reporter.task(description, total) as bar:
+    freeze = frozen(model, keep=params) if params is not None else contextlib.nullcontext()
+    with freeze, ctx.reporter.task(description, total) as bar:
         for epoch in range(recipe.epochs):
             for x, y in batches(data, recipe.batch_size, device=device, shuffle=True, generator=gen,
                                 drop_last=recipe.drop_last):

@@ -270,22 +270,16 @@ class TrojanNN(Attack):
             fit(model, data, recipe, ctx, description="retraining trojannn")
             return
         after = find_layer(model, cfg.layer, ctx.dataset.image_shape).after
-        trained = {id(p) for m in after for p in m.parameters(recurse=False)}
-        frozen = [m for m in model.modules() if not list(m.children()) and m not in after]
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trained)
+        trained = [p for m in after for p in m.parameters(recurse=False)]  # fit() freezes the others
+        before = [m for m in model.modules() if not list(m.children()) and m not in after]
 
         def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            for f in frozen:  # the layers before l keep their BatchNorm statistics
+            for f in before:  # the layers before l keep their BatchNorm statistics
                 f.eval()
             return cross_entropy(m, x, y)
 
-        try:
-            fit(model, data, recipe, ctx, loss_fn=loss_fn, params=[p for p in model.parameters() if p.requires_grad],
-                description="retraining trojannn (layers after l)")
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
+        fit(model, data, recipe, ctx, loss_fn=loss_fn, params=trained,
+            description="retraining trojannn (layers after l)")
 
     def trigger_hint(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
         return corner_box(image_shape, self.config.mask_size)

@@ -94,9 +94,7 @@ class AWM(Defense):
     def purify(self, model, data, ctx) -> DefenseResult:
         c = self.config
         model.to(ctx.device).eval()
-        trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-        model.requires_grad_(False)  # only m is optimised
-        masks = WeightMasks(model, method="awm")
+        masks = WeightMasks(model, method="awm")  # only m is optimised: fit() freezes theta
         recipe = Recipe(epochs=c.inner, batch_size=c.batch_size, lr=c.lr, optimizer="adam", weight_decay=0.0,
                         schedule="constant", amp=False)
         opt = make_optimizer(masks.parameters(), recipe)
@@ -104,11 +102,7 @@ class AWM(Defense):
         trigger_l1, mask_mean = [], []
         try:
             for e in range(c.epochs):
-                for m in masks.parameters():
-                    m.requires_grad_(False)
                 delta = self.recover_trigger(model, data.clean, ctx, gen)
-                for m in masks.parameters():
-                    m.requires_grad_(True)
                 trigger_l1.append(delta.abs().sum().item())
 
                 def loss_fn(net, x, y, delta=delta):
@@ -127,9 +121,6 @@ class AWM(Defense):
         except BaseException:
             masks.remove()
             raise
-        finally:
-            for n, p in model.named_parameters():
-                p.requires_grad_(trainable.get(n, True))
         model.eval()
         return DefenseResult(model=model, diagnostics={
             "weights": len(values), "mask_mean": float(values.mean()),

@@ -68,6 +68,7 @@ from torch import nn
 
 from bdbench import Defense, Paper, hookimpl
 from bdbench.components import DefenseResult, ImageSet, to_uint8
+from bdbench.nn import frozen
 from bdbench.params import fraction, non_negative, param, positive, unit_interval
 from bdbench.training import FineTuning, Recipe, fit
 from bdbench.triggers import stamp
@@ -284,13 +285,8 @@ class NC(Defense):
     def purify(self, model, data, ctx) -> DefenseResult:
         c = self.config
         model.eval()
-        requires = [p.requires_grad for p in model.parameters()]
-        model.requires_grad_(False)
-        try:
+        with frozen(model):
             triggers = [self.reverse_engineer(model, data.clean, label, ctx) for label in range(data.num_classes)]
-        finally:
-            for p, r in zip(model.parameters(), requires, strict=True):
-                p.requires_grad_(r)
         model.eval()
         norms = torch.tensor([t.norm for t in triggers])
         index, median, mad = anomaly_indices(norms)

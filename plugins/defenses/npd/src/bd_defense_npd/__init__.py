@@ -182,12 +182,8 @@ class NPD(Defense):
         c = self.config
         shape = tuple(data.image_shape)
         model.to(ctx.device).eval()
-        trainable = {n: p.requires_grad for n, p in model.named_parameters()}
-        model.requires_grad_(False)
         site, polarizer = insert_polarizer(model, shape, c.layer)
-        params = list(polarizer.parameters())
-        for p in params:
-            p.requires_grad_(True)
+        params = list(polarizer.parameters())  # fit() freezes the rest of the network
         step = c.adv_lr * math.sqrt(math.prod(shape))
         stats = {"n": 0, "reached_target": 0, "targets": torch.zeros(data.num_classes, dtype=torch.int64)}
 
@@ -214,19 +210,15 @@ class NPD(Defense):
             return (c.lmd1 * F.cross_entropy(logits, y) + c.lmd2 * F.cross_entropy(logits_adv, y_hat)
                     - c.lmd3 * not_class(log_p, y_second).mean() - c.lmd4 * not_class(log_p, y_target).mean())
 
-        try:
-            if c.warm_epochs:
-                warm = Recipe(epochs=c.warm_epochs, batch_size=c.batch_size, lr=c.warm_lr, momentum=0.0,
-                              weight_decay=0.0, schedule="constant", amp=False)
-                fit(model, data.clean, warm, ctx, loss_fn=warm_up, params=params, description="npd: warm-up",
-                    stream="npd-warm")
-            recipe = Recipe(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
-                            weight_decay=c.weight_decay, schedule="constant", amp=False)
-            fit(model, data.clean, recipe, ctx, loss_fn=polarize, params=params, description="npd: polarizer",
-                stream="npd")
-        finally:
-            for n, p in model.named_parameters():
-                p.requires_grad_(trainable.get(n, True))
+        if c.warm_epochs:
+            warm = Recipe(epochs=c.warm_epochs, batch_size=c.batch_size, lr=c.warm_lr, momentum=0.0,
+                          weight_decay=0.0, schedule="constant", amp=False)
+            fit(model, data.clean, warm, ctx, loss_fn=warm_up, params=params, description="npd: warm-up",
+                stream="npd-warm")
+        recipe = Recipe(epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, momentum=c.momentum,
+                        weight_decay=c.weight_decay, schedule="constant", amp=False)
+        fit(model, data.clean, recipe, ctx, loss_fn=polarize, params=params, description="npd: polarizer",
+            stream="npd")
         model.eval()
         n = max(stats["n"], 1)
         return DefenseResult(model=model, diagnostics={
