@@ -68,7 +68,6 @@ from torch import nn
 
 from bdbench import Defense, Paper, hookimpl
 from bdbench.components import DefenseResult, ImageSet, to_uint8
-from bdbench.nn import frozen
 from bdbench.params import fraction, non_negative, param, positive, unit_interval
 from bdbench.training import FineTuning, Recipe, fit
 from bdbench.triggers import stamp
@@ -285,8 +284,8 @@ class NC(Defense):
     def purify(self, model, data, ctx) -> DefenseResult:
         c = self.config
         model.eval()
-        with frozen(model):
-            triggers = [self.reverse_engineer(model, data.clean, label, ctx) for label in range(data.num_classes)]
+        # fit() freezes the model while each trigger (its only parameters) is optimised
+        triggers = [self.reverse_engineer(model, data.clean, label, ctx) for label in range(data.num_classes)]
         model.eval()
         norms = torch.tensor([t.norm for t in triggers])
         index, median, mad = anomaly_indices(norms)
