@@ -160,6 +160,19 @@ def test_ray_executor_matches_the_in_process_run(session_plugins, session_cache,
     assert read_results(tmp_path / "b").num_rows == 4
 
 
+def test_a_grid_runs_seed_by_seed_so_a_stopped_grid_holds_whole_replicates(session_plugins):
+    spec = {"presets": ["smoke"], "attacks": ["blended", "badnets"], "defenses": ["fp", "ft"], "spc": [2, 10],
+            "seeds": [1, 0]}
+    runs = expand(session_plugins, spec).experiments
+    assert [e.seed for e in runs] == [0] * 8 + [1] * 8
+    # every attack, defense and budget of seed 0 comes before any run of seed 1
+    assert {(e.attack, e.defense, e.spc) for e in runs[:8]} == {(e.attack, e.defense, e.spc) for e in runs[8:]}
+    # within a seed, the runs of one attacked model are back to back (each model is loaded once)
+    models = [json.dumps(e.attack_half(), sort_keys=True) for e in runs]
+    changes = sum(a != b for a, b in zip(models, models[1:]))
+    assert changes == len(set(models)) - 1 == 3
+
+
 def test_shards_partition_the_grid(session_plugins, tmp_path, monkeypatch):
     from bdbench.grid import parse_shard
 
@@ -172,7 +185,7 @@ def test_shards_partition_the_grid(session_plugins, tmp_path, monkeypatch):
     keys = [e.key() for shard in shards for e in shard]
     assert sorted(keys) == sorted(e.key() for e in g.experiments) and len(set(keys)) == len(keys)
     for shard in shards:  # each shard keeps the grid's order, so it loads each attacked model once
-        ids = [json.dumps(e.attack_half(), sort_keys=True) for e in shard]
+        ids = [(e.seed, json.dumps(e.attack_half(), sort_keys=True)) for e in shard]
         assert ids == sorted(ids)
     # shards started at different times: shard 1 starts after shard 0 finished two runs and owns the same runs
     finished = {e.key() for e in shards[0][:2]}

@@ -21,7 +21,9 @@ left out takes the single-run default. Per-method parameters are sub-tables::
 
 The product is expanded and validated (every name and parameter, before anything runs),
 duplicates are dropped, and keys already present in the results with status ok are skipped.
-Runs are grouped by attacked model, so each is trained once and shared by its defenses.
+Runs are ordered seed by seed, so a grid stopped part-way (a session's end, a time limit)
+holds whole replicates: every attack, defense and budget of seed 0 before any of seed 1. Within
+a seed they are grouped by attacked model, so each is trained once and shared by its defenses.
 """
 from __future__ import annotations
 
@@ -66,6 +68,11 @@ def _attack_id(exp: Experiment) -> str:
     return json.dumps(exp.attack_half(), sort_keys=True)
 
 
+def _order(exp: Experiment) -> tuple[int, str]:
+    """Execution order: seed by seed (whole replicates first), then by attacked model."""
+    return exp.seed, _attack_id(exp)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"K/N"`` -> (K, N): shard K (0-based) of N."""
     try:
@@ -99,7 +106,7 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
     ones not done yet. Independent processes or Slurm array tasks with the same ``--out`` and
     ``--cache-dir`` split the grid this way. A shard's runs depend on the grid alone, not on what
     other shards have finished, so shards started at different times never overlap. Runs are
-    sorted by attacked model, so a shard still loads each of its models once; train the attacked
+    sorted by seed, then by attacked model, so a shard still loads each of its models once; train the attacked
     models first (``models_only``, ``bdrun grid --models-only``) so that no two shards train the
     same one.
 
@@ -152,7 +159,7 @@ def expand(plugins: PluginSet, spec: dict[str, Any], out_dir: Path | str | None 
                                                   calibrate_params=None)
                                      for exp in first.values())}
         duplicates = 0
-    runs = sorted(seen.values(), key=_attack_id)  # runs sharing an attacked model run back to back
+    runs = sorted(seen.values(), key=_order)  # seed by seed; runs sharing an attacked model back to back
     if shard is not None:
         index, count = shard
         if not 0 <= index < count:
