@@ -43,6 +43,22 @@ def test_report_writes_the_survey_figures_and_tables(tmp_path):
     for name in pngs:
         assert name in page and (tmp_path / "out" / name).stat().st_size > 5000
     assert page.count("<table") == 2 and "sau" in page
+    assert "Not plotted: 1 failed rows." in page
+
+
+def test_the_summary_gives_each_defense_its_medians_and_the_spread_of_its_asr(tmp_path):
+    from bdbench.report import summary
+
+    fill(tmp_path / "r")
+    df = load(tmp_path / "r")
+    table = summary(df)
+    assert list(table.index) == ["fp", "ft", "sau"]  # the two baselines first
+    for defense in ("ft", "sau"):
+        asr = df[df["defense"] == defense]["asr_after"]
+        assert table.loc[defense, "runs"] == 27
+        assert table.loc[defense, "median asr_after"] == pytest.approx(asr.median(), abs=5e-4)
+        assert table.loc[defense, "IQR asr_after"] == pytest.approx(asr.quantile(0.75) - asr.quantile(0.25), abs=5e-4)
+    assert table.loc["ft", "IQR asr_after"] > table.loc["sau", "IQR asr_after"]  # FT's ASRs are spread wider
 
 
 def test_report_of_an_empty_folder_is_a_clear_error(tmp_path):

@@ -24,10 +24,14 @@ SPLITS = (("spc", "samples per class", "fig08_09"), ("attack", "attack", "fig10"
 
 
 def load(results: Path | str) -> pd.DataFrame:
+    """The finished defense runs (status ok, defense not ``none``), with their attack type."""
     from bdbench.results import read_results
 
-    df = read_results(results).to_pandas()
-    df = df[(df["status"] == "ok") & (df["defense"] != "none")].copy()
+    return finished(read_results(results).to_pandas())
+
+
+def finished(table: pd.DataFrame) -> pd.DataFrame:
+    df = table[(table["status"] == "ok") & (table["defense"] != "none")].copy()
     df["attack_type"] = df["attack"].map(ATTACK_TYPES).fillna("other")
     return df
 
@@ -94,10 +98,23 @@ def medians_plot(df: pd.DataFrame, path: Path, by: str | None = None, label: str
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Medians per defense, and the interquartile range of ASR after it: the spread the survey
+    reads as a defense's consistency across attacks, budgets and models (Fig. 6)."""
     cols = ["acc_after", "asr_after", "ra_after", "arr", "rdr", "defense_seconds"]
-    out = df.groupby("defense")[cols].median().rename(columns=lambda c: f"median {c}")
-    out.insert(0, "runs", df.groupby("defense").size())
+    grouped = df.groupby("defense")
+    out = grouped[cols].median().rename(columns=lambda c: f"median {c}")
+    asr = grouped["asr_after"]
+    out.insert(out.columns.get_loc("median asr_after") + 1, "IQR asr_after", asr.quantile(0.75) - asr.quantile(0.25))
+    out.insert(0, "runs", grouped.size())
     return out.loc[_order(df)].round(3)
+
+
+def _not_plotted(table: pd.DataFrame) -> str:
+    """The rows left out of the figures, by status (an attack under the preset's floor, a failure)."""
+    other = table[table["status"] != "ok"]["status"].value_counts()
+    if other.empty:
+        return ""
+    return "Not plotted: " + ", ".join(f"{n} {html.escape(str(status))}" for status, n in other.items()) + " rows."
 
 
 def build(results: Path | str, out: Path | str) -> Path:
@@ -109,7 +126,10 @@ def build(results: Path | str, out: Path | str) -> Path:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    df = load(results)
+    from bdbench.results import read_results
+
+    table = read_results(results).to_pandas()
+    df = finished(table)
     if df.empty:
         raise BdbenchError(f"{results}: no finished defense runs to report")
     figures = [("Fig. 6: ASR, ARR and RDR per defense", box_plot(df, out / "fig06_box.png")),
@@ -125,7 +145,8 @@ def build(results: Path | str, out: Path | str) -> Path:
              f"<h1>bdbench report</h1><p>{len(df)} defense runs from <code>{html.escape(str(results))}</code>: "
              f"{df['attack'].nunique()} attacks, {df['defense'].nunique()} defenses, "
              f"{df['dataset'].nunique()} datasets, {df['model'].nunique()} models, seeds "
-             f"{', '.join(map(str, sorted(df['seed'].unique())))}.</p>",
+             f"{', '.join(map(str, sorted(df['seed'].unique())))}.",
+             _not_plotted(table), "</p>",
              "<h2>Summary per defense</h2>", summary(df).to_html(),
              "<h2>Median ASR after defense, per attack</h2>", by_attack.to_html()]
     for title, path in figures:
