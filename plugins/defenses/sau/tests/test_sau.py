@@ -19,7 +19,9 @@ def test_shared_adversarial_examples_fool_both_models_onto_one_label(tiny_model,
     x, y = tiny_dataset.test.float()[:64], tiny_dataset.test.labels[:64]
     sau = SAU.configure({"eps": "0.3", "adv_lr": "0.05", "adv_steps": "20"})
     stats = {"pgd_evaluations": 0}
-    delta = sau.shared_adversarial(model, reference, x, y, torch.Generator().manual_seed(1), stats)
+    with torch.no_grad():
+        clean_pred_ref = reference(x).argmax(1)
+    delta = sau.shared_adversarial(model, reference, x, y, clean_pred_ref, torch.Generator().manual_seed(1), stats)
     assert 1 <= stats["pgd_evaluations"] <= 20  # one per step, fewer once every sample is shared
     assert delta.abs().max() <= 0.3 + 1e-6  # the reference's unclipped x + delta may leave [0, 1]
     with torch.no_grad():

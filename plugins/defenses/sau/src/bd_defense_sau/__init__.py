@@ -101,12 +101,12 @@ class SAU(Defense):
         train_mode: bool = param(False, source=f"{REF} (--train_mode, off: BN frozen)",
                                  help="BatchNorm in train mode for the unlearning pass")
 
-    def shared_adversarial(self, model, reference, x: torch.Tensor, y: torch.Tensor, generator,
-                           stats: dict[str, int]) -> torch.Tensor:
+    def shared_adversarial(self, model, reference, x: torch.Tensor, y: torch.Tensor, clean_pred_ref: torch.Tensor,
+                           generator, stats: dict[str, int]) -> torch.Tensor:
         """Step 1: delta minimising beta_1 L_adv + beta_2 L_share (PGD ascent on its negative)."""
         c = self.config
         with torch.no_grad():
-            clean_pred, clean_pred_ref = model(x).argmax(1), reference(x).argmax(1)
+            clean_pred = model(x).argmax(1)
         n = len(x)
         all_shared = [False]
 
@@ -133,11 +133,12 @@ class SAU(Defense):
 
         def loss_fn(model, x, y):
             model.eval()
-            delta = self.shared_adversarial(model, reference, x, y, generator, stats)
+            with torch.no_grad():
+                clean_pred_ref = reference(x).argmax(1)
+            delta = self.shared_adversarial(model, reference, x, y, clean_pred_ref, generator, stats)
             x_adv = (x + delta).detach()
             with torch.no_grad():
-                logits_ref, clean_pred_ref = reference(x_adv), reference(x).argmax(1)
-            y0 = logits_ref.argmax(1)
+                y0 = reference(x_adv).argmax(1)
             model.train(c.train_mode)  # step 2: unlearning pass
             logits, logits_adv = model(torch.cat([x, x_adv])).split(len(x))
             potential = (y0 != y) & (y0 != clean_pred_ref)  # P: the reference is fooled
